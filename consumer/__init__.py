@@ -1,0 +1,1 @@
+"""Fleet telemetry consumer: Kafka in, PostgreSQL out."""

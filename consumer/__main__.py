@@ -1,0 +1,47 @@
+"""CLI: ``python -m consumer migrate | run``. Builds Settings once and passes it down."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import structlog
+
+from consumer.log import configure_logging
+from consumer.migrate import migrate
+from consumer.service import Service
+from consumer.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m consumer")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="apply sql/ to FLEET_DATABASE_URL (idempotent)")
+    run = commands.add_parser("run", help="run the consumer group and the HTTP sidecar")
+    run.add_argument("--max-batches", type=int, help="exit after this many committed batches")
+    run.add_argument("--idle-timeout", type=float, help="exit after this many seconds without records")
+    return parser
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> None:
+    service = Service(settings)
+    service.install_signal_handlers()
+    await service.run(max_batches=args.max_batches, idle_timeout=args.idle_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    log = structlog.get_logger("consumer")
+    if args.command == "migrate":
+        applied = asyncio.run(migrate(settings.database_url.get_secret_value()))
+        log.info("migrated", applied=applied)
+    else:
+        asyncio.run(_run(settings, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The HTTP sidecar: operations endpoints now; the analytics API joins them."""

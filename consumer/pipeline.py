@@ -1,0 +1,291 @@
+"""poll -> decode -> write -> account, with backpressure, fencing and a clean stop.
+
+One loop, one batch in hand at a time:
+- newly assigned partitions stay paused until claimed in PostgreSQL (fence
+  bumped, stored offset read) and the consumer has seeked there;
+- a batch is written in one transaction (see consumer.store); when the
+  database is unavailable every partition is paused, the loop keeps polling
+  so the member stays in the group, and the write is retried with capped,
+  jittered backoff until it lands or the partitions move to another member;
+- only after the commit: metrics, the Kafka offset commit (for lag tooling)
+  and the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from consumer import metrics
+from consumer.batch import Batch, Message, build_batch
+from consumer.decode import Limits
+from consumer.errors import Fenced, is_transient
+from consumer.kafka import PartitionTracker
+from consumer.models import Stream
+from consumer.settings import Settings
+from consumer.store import Store, WriteResult
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+_KAFKA_COMMIT_INTERVAL_S = 1.0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        consumer: AIOKafkaConsumer,
+        tracker: PartitionTracker,
+        producer: AIOKafkaProducer | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.consumer = consumer
+        self.tracker = tracker
+        self.producer = producer
+        self.stream_of_topic: dict[str, Stream | None] = {
+            settings.meter_topic: Stream.METER,
+            settings.vehicle_topic: Stream.VEHICLE,
+            settings.mixed_topic: None,
+        }
+        self.limits = Limits(
+            max_payload_bytes=settings.max_payload_bytes,
+            max_clock_skew=timedelta(seconds=settings.max_clock_skew_seconds),
+        )
+        self.batches_committed = 0
+        self._stop = asyncio.Event()
+        self._last_kafka_commit = 0.0
+        self._kafka_offsets: dict[TopicPartition, int] = {}
+        self._stored_next: dict[tuple[str, int], int] = {}
+
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in hand and return."""
+        self._stop.set()
+
+    async def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> None:
+        """Consume until stop(); in bounded mode, also after max_batches or idle_timeout seconds."""
+        idle_since = time.monotonic()
+        while not self._stop.is_set():
+            if max_batches is not None and self.batches_committed >= max_batches:
+                break
+            await self._claim_pending()
+            messages = await self._poll()
+            if not messages:
+                self._report_lag()
+                if not self.consumer.assignment():
+                    idle_since = time.monotonic()  # not idle: still waiting for partitions
+                elif idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
+                    break
+                continue
+            idle_since = time.monotonic()
+            await self._process(messages)
+        await self._commit_to_kafka(force=True)
+
+    async def _poll(self) -> list[Message]:
+        """Gather records until the batch is full or its wait time is up."""
+        max_records = self.settings.batch_max_records
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.batch_max_wait_ms / 1000
+        messages: list[Message] = []
+        while len(messages) < max_records and not self._stop.is_set():
+            remaining_ms = int((deadline - loop.time()) * 1000)
+            if remaining_ms <= 0:
+                break
+            fetched = await self.consumer.getmany(
+                timeout_ms=remaining_ms, max_records=max_records - len(messages)
+            )
+            for records in fetched.values():
+                messages.extend(records)
+            if self.tracker.pending:
+                break  # a rebalance happened: claim before reading on
+        return messages
+
+    async def _process(self, messages: Sequence[Message]) -> None:
+        started = time.perf_counter()
+        batch = build_batch(
+            messages, self.stream_of_topic, now=datetime.now(UTC), limits=self.limits
+        )
+        decoded = time.perf_counter()
+        try:
+            result = await self._with_sink_retry(
+                lambda: self.store.write(batch, self.tracker.claims)
+            )
+        except Fenced as exc:
+            metrics.FENCED_BATCHES.inc()
+            log.warning("batch_fenced", partitions=exc.partitions, records=len(messages))
+            self._reclaim(batch)
+            return
+        if result is None:  # stopping while the database is down: the next owner re-reads it
+            return
+        committed = time.perf_counter()
+        self.batches_committed += 1
+        self._account(batch, result, write_seconds=committed - decoded)
+        for (topic, partition), span in batch.offsets.items():
+            self._kafka_offsets[TopicPartition(topic, partition)] = span.next
+            self._stored_next[(topic, partition)] = span.next
+        await self._commit_to_kafka()
+        await self._publish_dead_letters(result)
+        self._report_lag()
+        counts = result.counts
+        log.info(
+            "batch_committed",
+            records=len(messages),
+            stored=sum(c.stored for c in counts.values()),
+            duplicates=sum(c.duplicate for c in counts.values()),
+            stale=sum(c.stale for c in counts.values()),
+            rejected=len(result.dead_letters),
+            partitions=len(batch.offsets),
+            decode_seconds=round(decoded - started, 4),
+            write_seconds=round(committed - decoded, 4),
+            duration_seconds=round(time.perf_counter() - started, 4),
+        )
+
+    async def _claim_pending(self) -> None:
+        """Claim newly assigned partitions in PostgreSQL, seek to the stored offsets, resume."""
+        while self.tracker.pending and not self._stop.is_set():
+            pending = sorted(self.tracker.pending)
+            claims = await self._with_sink_retry(
+                lambda: self.store.claim([(tp.topic, tp.partition) for tp in pending])
+            )
+            if claims is None:
+                return
+            assigned = self.consumer.assignment()
+            for tp in pending:
+                if tp not in self.tracker.pending or tp not in assigned:
+                    continue  # revoked (or re-assigned) while we were claiming
+                claim = claims[(tp.topic, tp.partition)]
+                if claim.next_offset is None:
+                    await self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, claim.next_offset)
+                self.tracker.claims[(tp.topic, tp.partition)] = claim
+                self._stored_next[(tp.topic, tp.partition)] = claim.next_offset or 0
+                self.tracker.pending.discard(tp)
+                self.consumer.resume(tp)
+            log.info("partitions_claimed", partitions=[f"{t}-{p}" for t, p in claims])
+
+    def _reclaim(self, batch: Batch) -> None:
+        """After a fenced batch: re-claim what we still own, so reading restarts at stored offsets."""
+        assigned = self.consumer.assignment()
+        for topic, partition in batch.offsets:
+            tp = TopicPartition(topic, partition)
+            self.tracker.claims.pop((topic, partition), None)
+            if tp in assigned:
+                self.consumer.pause(tp)
+                self.tracker.pending.add(tp)
+
+    async def _with_sink_retry(self, attempt: Callable[[], Awaitable[T]]) -> T | None:
+        """Run a database call until it succeeds; None when asked to stop while it cannot."""
+        delay = self.settings.retry_initial_seconds
+        paused: list[TopicPartition] = []
+        try:
+            while True:
+                try:
+                    result = await attempt()
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    if not paused:
+                        paused = list(self.consumer.assignment())
+                        self.consumer.pause(*paused)
+                        metrics.SINK_AVAILABLE.set(0)
+                    metrics.SINK_RETRIES.inc()
+                    log.warning("database_unavailable", error=f"{type(exc).__name__}: {exc}",
+                                retry_in_seconds=round(delay, 2))
+                    await self._idle_in_group(random.uniform(0, delay))  # noqa: S311 -- jitter
+                    delay = min(delay * 2, self.settings.retry_max_seconds)
+                    if self._stop.is_set():
+                        return None
+                    continue
+                metrics.SINK_AVAILABLE.set(1)
+                return result
+        finally:
+            if paused:
+                # Resume only what is still ours and claimed; pending ones wait for their claim.
+                still_ours = self.consumer.assignment()
+                self.consumer.resume(
+                    *(tp for tp in paused if tp in still_ours and tp not in self.tracker.pending)
+                )
+                log.info("database_available")
+
+    async def _idle_in_group(self, seconds: float) -> None:
+        """Wait while calling poll, so the member is not evicted for not polling."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (remaining := deadline - loop.time()) > 0 and not self._stop.is_set():
+            # Every partition is paused, so this returns nothing; it only keeps us in the group.
+            await self.consumer.getmany(timeout_ms=max(1, int(min(remaining, 1.0) * 1000)))
+            for tp in self.tracker.pending:
+                self.consumer.pause(tp)
+
+    def _account(self, batch: Batch, result: WriteResult, write_seconds: float) -> None:
+        for stream, counts in result.counts.items():
+            for outcome, n in (
+                ("stored", counts.stored), ("duplicate", counts.duplicate), ("stale", counts.stale)
+            ):
+                if n:
+                    metrics.INGEST_RECORDS.labels(stream.value, outcome).inc(n)
+        for letter in result.dead_letters:
+            stream = letter.rejection.stream.value if letter.rejection.stream else "unknown"
+            metrics.INGEST_RECORDS.labels(stream, "rejected").inc()
+        metrics.BATCH_RECORDS.observe(len(batch))
+        metrics.BATCH_WRITE_SECONDS.observe(write_seconds)
+        newest = max(
+            (r.timestamp for readings in batch.readings.values() for r in readings), default=None
+        )
+        if newest is not None:
+            metrics.FRESHNESS_SECONDS.observe(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
+
+    async def _commit_to_kafka(self, force: bool = False) -> None:
+        """Mirror stored offsets to Kafka for lag tooling; PostgreSQL stays the truth."""
+        now = time.monotonic()
+        if not self._kafka_offsets or (not force and now - self._last_kafka_commit < _KAFKA_COMMIT_INTERVAL_S):
+            return
+        assigned = self.consumer.assignment()
+        offsets = {tp: OffsetAndMetadata(o, "") for tp, o in self._kafka_offsets.items() if tp in assigned}
+        self._kafka_offsets.clear()
+        self._last_kafka_commit = now
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:
+            log.info("kafka_commit_skipped", error=repr(exc))  # harmless: PostgreSQL has them
+
+    async def _publish_dead_letters(self, result: WriteResult) -> None:
+        if self.producer is None or not result.dead_letters:
+            return
+        futures: list[Any] = []
+        try:
+            for letter in result.dead_letters:
+                headers = [
+                    ("reason", letter.rejection.reason.value.encode()),
+                    ("source", f"{letter.topic}/{letter.partition}/{letter.offset}".encode()),
+                ]
+                futures.append(await self.producer.send(
+                    self.settings.dlq_topic, value=letter.payload, key=letter.key, headers=headers
+                ))
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+        except (KafkaError, TimeoutError) as exc:
+            # Already stored in dead_letters in the same transaction as the offsets.
+            metrics.DLQ_PUBLISH_FAILURES.inc(len(result.dead_letters))
+            log.warning("dlq_publish_failed", error=repr(exc), count=len(result.dead_letters))
+
+    def _report_lag(self) -> None:
+        """Records between the partition's high watermark and what PostgreSQL has stored."""
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            stored = self._stored_next.get((tp.topic, tp.partition))
+            if highwater is not None and stored is not None:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - stored))

@@ -1,0 +1,175 @@
+"""The running service: start in order, stop in reverse, both idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from consumer import metrics
+from consumer.api.app import make_app
+from consumer.errors import is_transient
+from consumer.kafka import PartitionTracker, make_consumer, make_producer, member_name
+from consumer.pipeline import Pipeline
+from consumer.settings import Settings
+from consumer.store import Store
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+_PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
+
+
+async def _until_up(what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
+    """Start-up waits for its dependencies instead of crash-looping."""
+    delay = 0.5
+    while True:
+        try:
+            return await connect()
+        except (KafkaConnectionError, OSError) as exc:
+            error = repr(exc)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            error = repr(exc)
+        log.warning("dependency_unavailable", dependency=what, error=error, retry_in_seconds=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.0))  # noqa: S311
+        if stop.is_set():
+            return None
+        delay = min(delay * 2, 10.0)
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stopping = asyncio.Event()
+        self.store: Store | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.pipeline: Pipeline | None = None
+        self.http: web.AppRunner | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+
+    async def start(self) -> bool:
+        """Start everything; False when asked to stop before the dependencies came up."""
+        s = self.settings
+        self.http = web.AppRunner(make_app(
+            {"database": self._check_database, "broker": self._check_broker},
+            before_scrape=self._report_pool,
+        ))
+        await self.http.setup()
+        await web.TCPSite(self.http, s.http_host, s.http_port).start()
+        log.info("http_listening", host=s.http_host, port=s.http_port)
+
+        self.store = await _until_up("database", lambda: Store.open(
+            s.database_url.get_secret_value(),
+            group_id=s.group_id,
+            owner=member_name(),
+            idle_in_transaction_timeout_ms=s.db_idle_in_transaction_timeout_ms,
+        ), self.stopping)
+        if self.store is None:
+            return False
+        created = await self.store.prepare_partitions(s.partitions_months_back, s.partitions_months_ahead)
+        log.info("history_partitions_prepared", created=created)
+        self._maintenance = asyncio.create_task(self._maintain_partitions())
+
+        self.producer = make_producer(s)
+        if await _until_up("broker", self.producer.start, self.stopping) is None and self.stopping.is_set():
+            return False
+        self.consumer = make_consumer(s)
+        tracker = PartitionTracker(self.consumer)
+        self.consumer.subscribe(list(s.topics), listener=tracker)
+        if await _until_up("broker", self.consumer.start, self.stopping) is None and self.stopping.is_set():
+            return False
+        self.pipeline = Pipeline(s, self.store, self.consumer, tracker, self.producer)
+        log.info("consumer_started", group=s.group_id, topics=list(s.topics), member=member_name())
+        return True
+
+    async def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> None:
+        if await self.start() and self.pipeline is not None:
+            runner = asyncio.create_task(self.pipeline.run(max_batches, idle_timeout))
+            stopper = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            self.pipeline.stop()  # finish the batch in hand
+            try:
+                await asyncio.wait_for(runner, timeout=30)
+            except TimeoutError:
+                log.error("shutdown_timed_out", waited_seconds=30)
+            stopper.cancel()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Reverse order of start(); safe to call twice."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            self._maintenance = None
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+        if self.producer is not None:
+            await self.producer.stop()
+            self.producer = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        if self.http is not None:
+            await self.http.cleanup()
+            self.http = None
+        log.info("stopped")
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("stop_requested", signal=sig.name)
+        self.stopping.set()
+
+    async def _maintain_partitions(self) -> None:
+        s = self.settings
+        while True:
+            await asyncio.sleep(_PARTITION_MAINTENANCE_INTERVAL_S)
+            if self.store is None:
+                return
+            try:
+                created = await self.store.prepare_partitions(
+                    s.partitions_months_back, s.partitions_months_ahead
+                )
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("partition_maintenance_deferred", error=repr(exc))
+                continue
+            if created:
+                log.info("history_partitions_prepared", created=created)
+
+    async def _check_database(self) -> None:
+        if self.store is None:
+            raise ConnectionError("not connected")
+        await self.store.ping()
+
+    async def _check_broker(self) -> None:
+        if self.producer is None:
+            raise ConnectionError("not connected")
+        try:
+            await self.producer.client.fetch_all_metadata()
+        except KafkaError as exc:
+            raise ConnectionError(str(exc)) from exc
+
+    def _report_pool(self) -> None:
+        if self.store is None:
+            return
+        pool = self.store.pool
+        metrics.DB_POOL_CONNECTIONS.labels("max").set(pool.get_max_size())
+        metrics.DB_POOL_CONNECTIONS.labels("idle").set(pool.get_idle_size())
+        metrics.DB_POOL_CONNECTIONS.labels("in_use").set(pool.get_size() - pool.get_idle_size())

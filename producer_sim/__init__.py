@@ -1,0 +1,1 @@
+"""Fleet simulator: a deterministic model of meters and EVs, and a Kafka publisher for it."""

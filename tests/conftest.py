@@ -1,0 +1,128 @@
+"""Fixtures: a real PostgreSQL and a real Kafka-protocol broker, fresh names per test.
+
+PostgreSQL: FLEET_TEST_ADMIN_DSN (default: the local server on 127.0.0.1:5432),
+else an embedded pgserver instance. Broker: FLEET_TEST_BOOTSTRAP_SERVERS when set,
+else a tansu process on a free port, whose log is printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from consumer.devstack import (
+    free_port,
+    postgres_reachable,
+    start_broker,
+    start_embedded_postgres,
+)
+from consumer.kafka import ensure_topics
+from consumer.migrate import migrate
+from consumer.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / ".pytest-artifacts"
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    configured = os.environ.get("FLEET_TEST_BOOTSTRAP_SERVERS")
+    if configured:
+        yield configured
+        return
+    started = start_broker(ARTIFACTS)
+    yield started.bootstrap_servers
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+async def admin_dsn() -> str:
+    dsn = os.environ.get("FLEET_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    if await postgres_reachable(dsn):
+        return dsn
+    return start_embedded_postgres(ARTIFACTS / "pgdata")
+
+
+@pytest.fixture
+async def database(admin_dsn: str) -> AsyncIterator[str]:
+    """A freshly migrated database of this test's own."""
+    name = f"fleet_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = with_database(admin_dsn, name)
+        await migrate(dsn)
+        yield dsn
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def settings(broker: str, database: str) -> Settings:
+    """Settings for one test: its own topics (4 partitions) and consumer group."""
+    suffix = uuid.uuid4().hex[:8]
+    s = Settings(
+        kafka_bootstrap_servers=broker,
+        database_url=database,
+        meter_topic=f"meter-{suffix}",
+        vehicle_topic=f"vehicle-{suffix}",
+        mixed_topic=f"fleet-{suffix}",
+        dlq_topic=f"dlq-{suffix}",
+        group_id=f"group-{suffix}",
+        batch_max_records=500,
+        batch_max_wait_ms=200,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        kafka_idempotent_producer=False,  # tansu does not implement InitProducerId
+        retry_initial_seconds=0.1,
+        retry_max_seconds=1.0,
+        http_host="127.0.0.1",
+        http_port=free_port(),
+        log_json=True,
+    )
+    await ensure_topics(broker, [*s.topics, s.dlq_topic], partitions=4)
+    return s
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The same settings as FLEET_ environment variables, for a consumer subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    for name, value in s.model_dump().items():
+        if value is None:
+            continue
+        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"FLEET_{name.upper()}"] = str(raw).lower() if isinstance(raw, bool) else str(raw)
+    return env
+
+
+async def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    """Poll an async predicate until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s (last: {value!r})")
+        await asyncio.sleep(interval)

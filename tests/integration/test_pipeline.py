@@ -1,0 +1,123 @@
+"""The pipeline end to end: real broker, real PostgreSQL, the real service loop."""
+
+from __future__ import annotations
+
+import random
+
+import aiohttp
+import asyncpg
+
+from consumer.settings import Settings
+from consumer.service import Service
+from tests.integration.helpers import (
+    consume_until_idle,
+    dec,
+    expected_history,
+    history_keys,
+    meter,
+    mixed_fleet,
+    newest_by_device,
+    publish_readings,
+    vehicle,
+)
+
+
+async def test_mixed_stream_lands_exactly_once_and_live_holds_the_newest(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Every valid reading of a shuffled mixed stream is one history row; live is the newest per device."""
+    readings = mixed_fleet(meters=40, vehicles=40, rounds=15)
+    random.Random(7).shuffle(readings)  # late and out-of-order arrivals within and across batches
+    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, readings)
+
+    await consume_until_idle(settings)
+
+    meters = await history_keys(db, "meter_history", "meter_id")
+    vehicles = await history_keys(db, "vehicle_history", "vehicle_id")
+    assert len(meters) == len(set(meters)) == 40 * 15
+    assert set(meters) == expected_history(readings, "meterId")
+    assert set(vehicles) == expected_history(readings, "vehicleId")
+    assert len(vehicles) == 40 * 15
+
+    live = {r["meter_id"]: r for r in await db.fetch("SELECT * FROM meter_live")}
+    for device, newest in newest_by_device(readings, "meterId").items():
+        assert live[device]["kwh_consumed_ac"] == dec(newest["kwhConsumedAc"])
+        assert live[device]["timestamp"].isoformat() == newest["timestamp"]
+    vlive = {r["vehicle_id"]: r for r in await db.fetch("SELECT * FROM vehicle_live")}
+    assert {d: r["timestamp"].isoformat() for d, r in vlive.items()} == {
+        d: r["timestamp"] for d, r in newest_by_device(readings, "vehicleId").items()
+    }
+    stored = await db.fetch('SELECT topic, "partition", next_offset FROM consumer_offsets')
+    assert sum(r["next_offset"] or 0 for r in stored) == len(readings)
+
+
+async def test_dedicated_topics_are_consumed_by_the_same_group(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Meter and vehicle topics land in their own tables alongside the mixed topic."""
+    await publish_readings(settings.kafka_bootstrap_servers, settings.meter_topic,
+                           [meter("m-1", i) for i in range(5)])
+    await publish_readings(settings.kafka_bootstrap_servers, settings.vehicle_topic,
+                           [vehicle("v-1", i) for i in range(5)])
+    await consume_until_idle(settings)
+    assert await db.fetchval("SELECT count(*) FROM meter_history") == 5
+    assert await db.fetchval("SELECT count(*) FROM vehicle_history") == 5
+
+
+async def test_resent_reading_does_not_double_energy(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A device re-sending a reading (same timestamp), in the same or a later batch, is stored once."""
+    first = [meter("m-1", 0, kwh=2.0), meter("m-1", 1, kwh=3.0), meter("m-1", 1, kwh=3.0)]
+    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, first)
+    await consume_until_idle(settings)
+    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0, kwh=2.0)])
+    await consume_until_idle(settings)
+
+    total = await db.fetchval("SELECT sum(kwh_consumed_ac) FROM meter_history WHERE meter_id = 'm-1'")
+    assert total == dec(5.0)
+    assert await db.fetchval("SELECT count(*) FROM meter_history") == 2
+
+
+async def test_older_reading_arriving_late_leaves_live_unchanged(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Newest wins: a late reading with an older timestamp is kept in history but not in live."""
+    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic,
+                           [vehicle("v-1", 10, soc=80.0)])
+    await consume_until_idle(settings)
+    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic,
+                           [vehicle("v-1", 5, soc=40.0)])
+    await consume_until_idle(settings)
+
+    live = await db.fetchrow("SELECT soc, \"timestamp\" FROM vehicle_live WHERE vehicle_id = 'v-1'")
+    assert live["soc"] == 80
+    assert live["timestamp"].isoformat() == vehicle("v-1", 10)["timestamp"]
+    assert await db.fetchval("SELECT count(*) FROM vehicle_history") == 2
+
+
+async def test_metrics_and_health_are_served_while_consuming(settings: Settings) -> None:
+    """/metrics shows stored readings by stream; /healthz and /readyz answer JSON."""
+    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic,
+                           [meter("m-1", 0), vehicle("v-1", 0)])
+    service = Service(settings)
+    assert await service.start()
+    assert service.pipeline is not None
+    try:
+        await service.pipeline.run(idle_timeout=1.5)
+        base = f"http://127.0.0.1:{settings.http_port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            async with http.get(f"{base}/readyz") as resp:
+                ready = (resp.status, await resp.json())
+            async with http.get(f"{base}/nope") as resp:
+                missing = (resp.status, await resp.json())
+    finally:
+        await service.stop()
+    assert 'fleet_ingest_records_total{outcome="stored",stream="meter"}' in text
+    assert "fleet_batch_write_duration_seconds_bucket" in text
+    assert "fleet_consumer_lag_records{" in text
+    assert ready == (200, {"status": "ready", "checks": {"database": "ok", "broker": "ok"}})
+    assert missing[0] == 404
+    assert missing[1]["error"]["code"] == "not_found"
