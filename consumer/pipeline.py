@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -32,7 +32,7 @@ from consumer.errors import Fenced, is_transient
 from consumer.kafka import PartitionTracker
 from consumer.models import Stream
 from consumer.settings import Settings
-from consumer.store import Store, WriteResult
+from consumer.store import Claim, Store, WriteResult
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -68,33 +68,87 @@ class Pipeline:
         self._last_kafka_commit = 0.0
         self._kafka_offsets: dict[TopicPartition, int] = {}
         self._stored_next: dict[tuple[str, int], int] = {}
+        self._failing_writers = 0  # database calls currently retrying
+        self._topic_index = {topic: i for i, topic in enumerate(self.stream_of_topic)}
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
         self._stop.set()
 
     async def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> None:
-        """Consume until stop(); in bounded mode, also after max_batches or idle_timeout seconds."""
+        """Consume until stop(); in bounded mode, also after max_batches or idle_timeout seconds.
+
+        Partitions are spread over write lanes. A lane has at most one transaction
+        in flight, on its own connection, and a partition always maps to the same
+        lane, so each partition's batches commit in order; lanes write in parallel
+        while the loop polls and decodes the next records.
+        """
         idle_since = time.monotonic()
-        while not self._stop.is_set():
-            if max_batches is not None and self.batches_committed >= max_batches:
-                break
-            await self._claim_pending()
-            messages = await self._poll()
-            if not messages:
-                self._report_lag()
-                if not self.consumer.assignment():
-                    idle_since = time.monotonic()  # not idle: still waiting for partitions
-                elif idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
+        lanes: list[asyncio.Task[None] | None] = [None] * self.settings.write_lanes
+        try:
+            while not self._stop.is_set():
+                if max_batches is not None and self.batches_committed >= max_batches:
                     break
-                continue
-            idle_since = time.monotonic()
-            await self._process(messages)
+                await self._claim_pending()
+                polling = time.perf_counter()
+                messages = await self._poll()
+                if not messages:
+                    self._report_lag()
+                    writing = any(task is not None and not task.done() for task in lanes)
+                    if not self.consumer.assignment() or writing:
+                        idle_since = time.monotonic()  # waiting for partitions or a write
+                    elif idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
+                        break
+                    continue
+                idle_since = time.monotonic()
+                poll_seconds = time.perf_counter() - polling
+                for lane, lane_messages in self._by_lane(messages).items():
+                    started = time.perf_counter()
+                    batch = build_batch(
+                        lane_messages,
+                        self.stream_of_topic,
+                        now=datetime.now(UTC),
+                        limits=self.limits,
+                    )
+                    timing = {
+                        "poll_seconds": poll_seconds,
+                        "decode_seconds": time.perf_counter() - started,
+                    }
+                    previous = lanes[lane]
+                    if previous is not None:
+                        waiting = time.perf_counter()
+                        await self._finish(previous)
+                        timing["wait_seconds"] = time.perf_counter() - waiting
+                    # Claims as of now, after the lane's previous batch settled: a
+                    # partition that batch lost, or re-claimed later, fails the fence.
+                    claims = dict(self.tracker.claims)
+                    lanes[lane] = asyncio.create_task(self._write(batch, claims, timing))
+                    await asyncio.sleep(0)  # let it put the batch on the wire before decoding on
+        finally:
+            for task in lanes:
+                if task is not None:
+                    await self._finish(task)
         await self._commit_to_kafka(force=True)
+
+    def _by_lane(self, messages: list[Message]) -> dict[int, list[Message]]:
+        lanes: dict[int, list[Message]] = {}
+        count = self.settings.write_lanes
+        for msg in messages:
+            lane = (msg.partition + self._topic_index[msg.topic]) % count
+            lanes.setdefault(lane, []).append(msg)
+        return lanes
+
+    async def _finish(self, writing: asyncio.Task[None]) -> None:
+        """Wait for a batch in flight; while the database is down, keep polling (all paused)."""
+        while not writing.done():
+            await asyncio.wait({writing}, timeout=1.0)
+            if self._failing_writers and not writing.done():
+                await self._poll_paused()
+        writing.result()  # re-raise what the write could not handle
 
     async def _poll(self) -> list[Message]:
         """Gather records until the batch is full or its wait time is up."""
-        max_records = self.settings.batch_max_records
+        max_records = self.settings.batch_max_records * self.settings.write_lanes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.batch_max_wait_ms / 1000
         messages: list[Message] = []
@@ -111,26 +165,25 @@ class Pipeline:
                 break  # a rebalance happened: claim before reading on
         return messages
 
-    async def _process(self, messages: Sequence[Message]) -> None:
+    async def _write(
+        self, batch: Batch, claims: dict[tuple[str, int], Claim], timing: dict[str, float]
+    ) -> None:
+        """Write one batch (retrying while the database is down), then account for it."""
         started = time.perf_counter()
-        batch = build_batch(
-            messages, self.stream_of_topic, now=datetime.now(UTC), limits=self.limits
-        )
-        decoded = time.perf_counter()
         try:
             result = await self._with_sink_retry(
-                lambda: self.store.write(batch, self.tracker.claims)
+                lambda: self.store.write(batch, claims), wait=asyncio.sleep
             )
         except Fenced as exc:
             metrics.FENCED_BATCHES.inc()
-            log.warning("batch_fenced", partitions=exc.partitions, records=len(messages))
+            log.warning("batch_fenced", partitions=exc.partitions, records=len(batch))
             self._reclaim(batch)
             return
         if result is None:  # stopping while the database is down: the next owner re-reads it
             return
         committed = time.perf_counter()
         self.batches_committed += 1
-        self._account(batch, result, write_seconds=committed - decoded)
+        self._account(batch, result, write_seconds=committed - started)
         for (topic, partition), span in batch.offsets.items():
             self._kafka_offsets[TopicPartition(topic, partition)] = span.next
             self._stored_next[(topic, partition)] = span.next
@@ -140,15 +193,14 @@ class Pipeline:
         counts = result.counts
         log.info(
             "batch_committed",
-            records=len(messages),
+            records=len(batch),
             stored=sum(c.stored for c in counts.values()),
             duplicates=sum(c.duplicate for c in counts.values()),
             stale=sum(c.stale for c in counts.values()),
             rejected=len(result.dead_letters),
             partitions=len(batch.offsets),
-            decode_seconds=round(decoded - started, 4),
-            write_seconds=round(committed - decoded, 4),
-            duration_seconds=round(time.perf_counter() - started, 4),
+            write_seconds=round(committed - started, 4),
+            **{name: round(seconds, 4) for name, seconds in timing.items()},
         )
 
     async def _claim_pending(self) -> None:
@@ -156,7 +208,8 @@ class Pipeline:
         while self.tracker.pending and not self._stop.is_set():
             pending = sorted(self.tracker.pending)
             claims = await self._with_sink_retry(
-                lambda: self.store.claim([(tp.topic, tp.partition) for tp in pending])
+                lambda: self.store.claim([(tp.topic, tp.partition) for tp in pending]),
+                wait=self._idle_in_group,
             )
             if claims is None:
                 return
@@ -185,10 +238,16 @@ class Pipeline:
                 self.consumer.pause(tp)
                 self.tracker.pending.add(tp)
 
-    async def _with_sink_retry(self, attempt: Callable[[], Awaitable[T]]) -> T | None:
-        """Run a database call until it succeeds; None when asked to stop while it cannot."""
+    async def _with_sink_retry(
+        self, attempt: Callable[[], Awaitable[T]], wait: Callable[[float], Awaitable[None]]
+    ) -> T | None:
+        """Run a database call until it succeeds; None when asked to stop while it cannot.
+
+        While it fails, every assigned partition is paused; `wait` passes the time
+        (polling, from the loop; sleeping, from a write task while the loop polls).
+        """
         delay = self.settings.retry_initial_seconds
-        paused: list[TopicPartition] = []
+        failing = False
         try:
             while True:
                 try:
@@ -196,14 +255,18 @@ class Pipeline:
                 except Exception as exc:
                     if not is_transient(exc):
                         raise
-                    if not paused:
-                        paused = list(self.consumer.assignment())
-                        self.consumer.pause(*paused)
+                    if not failing:
+                        failing = True
+                        self._failing_writers += 1
+                        self.consumer.pause(*self.consumer.assignment())
                         metrics.SINK_AVAILABLE.set(0)
                     metrics.SINK_RETRIES.inc()
-                    log.warning("database_unavailable", error=f"{type(exc).__name__}: {exc}",
-                                retry_in_seconds=round(delay, 2))
-                    await self._idle_in_group(random.uniform(0, delay))  # noqa: S311 -- jitter
+                    log.warning(
+                        "database_unavailable",
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry_in_seconds=round(delay, 2),
+                    )
+                    await wait(random.uniform(0, delay))  # noqa: S311 -- jitter, not crypto
                     delay = min(delay * 2, self.settings.retry_max_seconds)
                     if self._stop.is_set():
                         return None
@@ -211,28 +274,35 @@ class Pipeline:
                 metrics.SINK_AVAILABLE.set(1)
                 return result
         finally:
-            if paused:
-                # Resume only what is still ours and claimed; pending ones wait for their claim.
-                still_ours = self.consumer.assignment()
+            if failing:
+                self._failing_writers -= 1
+            if failing and not self._failing_writers:
+                # Resume what is ours and claimed; pending partitions wait for their claim.
                 self.consumer.resume(
-                    *(tp for tp in paused if tp in still_ours and tp not in self.tracker.pending)
+                    *(tp for tp in self.consumer.assignment() if tp not in self.tracker.pending)
                 )
                 log.info("database_available")
 
     async def _idle_in_group(self, seconds: float) -> None:
-        """Wait while calling poll, so the member is not evicted for not polling."""
+        """Wait while polling, so the member is not evicted for not polling."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while (remaining := deadline - loop.time()) > 0 and not self._stop.is_set():
-            # Every partition is paused, so this returns nothing; it only keeps us in the group.
-            await self.consumer.getmany(timeout_ms=max(1, int(min(remaining, 1.0) * 1000)))
-            for tp in self.tracker.pending:
-                self.consumer.pause(tp)
+            await self._poll_paused(min(remaining, 1.0))
+
+    async def _poll_paused(self, seconds: float = 0.0) -> None:
+        """Poll with every partition paused: returns nothing, keeps the membership alive."""
+        self.consumer.pause(*self.consumer.assignment())
+        fetched = await self.consumer.getmany(timeout_ms=int(seconds * 1000))
+        if any(fetched.values()):  # cannot happen while paused; never drop records silently
+            raise RuntimeError("records returned for paused partitions")
 
     def _account(self, batch: Batch, result: WriteResult, write_seconds: float) -> None:
         for stream, counts in result.counts.items():
             for outcome, n in (
-                ("stored", counts.stored), ("duplicate", counts.duplicate), ("stale", counts.stale)
+                ("stored", counts.stored),
+                ("duplicate", counts.duplicate),
+                ("stale", counts.stale),
             ):
                 if n:
                     metrics.INGEST_RECORDS.labels(stream.value, outcome).inc(n)
@@ -245,15 +315,21 @@ class Pipeline:
             (r.timestamp for readings in batch.readings.values() for r in readings), default=None
         )
         if newest is not None:
-            metrics.FRESHNESS_SECONDS.observe(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
+            metrics.FRESHNESS_SECONDS.observe(
+                max(0.0, (datetime.now(UTC) - newest).total_seconds())
+            )
 
     async def _commit_to_kafka(self, force: bool = False) -> None:
         """Mirror stored offsets to Kafka for lag tooling; PostgreSQL stays the truth."""
         now = time.monotonic()
-        if not self._kafka_offsets or (not force and now - self._last_kafka_commit < _KAFKA_COMMIT_INTERVAL_S):
+        if not self._kafka_offsets or (
+            not force and now - self._last_kafka_commit < _KAFKA_COMMIT_INTERVAL_S
+        ):
             return
         assigned = self.consumer.assignment()
-        offsets = {tp: OffsetAndMetadata(o, "") for tp, o in self._kafka_offsets.items() if tp in assigned}
+        offsets = {
+            tp: OffsetAndMetadata(o, "") for tp, o in self._kafka_offsets.items() if tp in assigned
+        }
         self._kafka_offsets.clear()
         self._last_kafka_commit = now
         if not offsets:
@@ -273,9 +349,14 @@ class Pipeline:
                     ("reason", letter.rejection.reason.value.encode()),
                     ("source", f"{letter.topic}/{letter.partition}/{letter.offset}".encode()),
                 ]
-                futures.append(await self.producer.send(
-                    self.settings.dlq_topic, value=letter.payload, key=letter.key, headers=headers
-                ))
+                futures.append(
+                    await self.producer.send(
+                        self.settings.dlq_topic,
+                        value=letter.payload,
+                        key=letter.key,
+                        headers=headers,
+                    )
+                )
             await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
         except (KafkaError, TimeoutError) as exc:
             # Already stored in dead_letters in the same transaction as the offsets.
@@ -288,4 +369,6 @@ class Pipeline:
             highwater = self.consumer.highwater(tp)
             stored = self._stored_next.get((tp.topic, tp.partition))
             if highwater is not None and stored is not None:
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - stored))
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - stored)
+                )

@@ -28,7 +28,9 @@ T = TypeVar("T")
 _PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
 
 
-async def _until_up(what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
+async def _until_up(
+    what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event
+) -> T | None:
     """Start-up waits for its dependencies instead of crash-looping."""
     delay = 0.5
     while True:
@@ -62,33 +64,48 @@ class Service:
     async def start(self) -> bool:
         """Start everything; False when asked to stop before the dependencies came up."""
         s = self.settings
-        self.http = web.AppRunner(make_app(
-            {"database": self._check_database, "broker": self._check_broker},
-            before_scrape=self._report_pool,
-        ))
+        self.http = web.AppRunner(
+            make_app(
+                {"database": self._check_database, "broker": self._check_broker},
+                before_scrape=self._report_pool,
+            )
+        )
         await self.http.setup()
         await web.TCPSite(self.http, s.http_host, s.http_port).start()
         log.info("http_listening", host=s.http_host, port=s.http_port)
 
-        self.store = await _until_up("database", lambda: Store.open(
-            s.database_url.get_secret_value(),
-            group_id=s.group_id,
-            owner=member_name(),
-            idle_in_transaction_timeout_ms=s.db_idle_in_transaction_timeout_ms,
-        ), self.stopping)
+        self.store = await _until_up(
+            "database",
+            lambda: Store.open(
+                s.database_url.get_secret_value(),
+                group_id=s.group_id,
+                owner=member_name(),
+                idle_in_transaction_timeout_ms=s.db_idle_in_transaction_timeout_ms,
+                max_size=s.write_lanes + 2,  # lanes, claims, readiness probe
+            ),
+            self.stopping,
+        )
         if self.store is None:
             return False
-        created = await self.store.prepare_partitions(s.partitions_months_back, s.partitions_months_ahead)
+        created = await self.store.prepare_partitions(
+            s.partitions_months_back, s.partitions_months_ahead
+        )
         log.info("history_partitions_prepared", created=created)
         self._maintenance = asyncio.create_task(self._maintain_partitions())
 
         self.producer = make_producer(s)
-        if await _until_up("broker", self.producer.start, self.stopping) is None and self.stopping.is_set():
+        if (
+            await _until_up("broker", self.producer.start, self.stopping) is None
+            and self.stopping.is_set()
+        ):
             return False
         self.consumer = make_consumer(s)
         tracker = PartitionTracker(self.consumer)
         self.consumer.subscribe(list(s.topics), listener=tracker)
-        if await _until_up("broker", self.consumer.start, self.stopping) is None and self.stopping.is_set():
+        if (
+            await _until_up("broker", self.consumer.start, self.stopping) is None
+            and self.stopping.is_set()
+        ):
             return False
         self.pipeline = Pipeline(s, self.store, self.consumer, tracker, self.producer)
         log.info("consumer_started", group=s.group_id, topics=list(s.topics), member=member_name())

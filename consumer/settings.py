@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     # Batching: a batch closes at whichever limit comes first.
     batch_max_records: int = Field(default=5000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=500, ge=1, le=60_000)
+    # Transactions in flight at once, each on its own connection and its own
+    # share of the partitions (a partition's batches always commit in order).
+    write_lanes: int = Field(default=2, ge=1, le=16)
 
     # Memory bounds on what the Kafka client may hold.
     fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

@@ -1,21 +1,25 @@
 """PostgreSQL side of the pipeline: partition claims and the batch transaction.
 
-The batch commit contract, in one place (mirrored by ``# Step N`` comments):
+The batch commit contract, in one place:
 
-1. Fence: advance the stored offset of every partition in the batch, only where
-   this member's fence token is still current and the stored offset is not past
-   the batch. Any partition that does not match -> roll back, raise Fenced.
-2. History: binary COPY each stream into a session temp table (emptied by the
-   commit), then one INSERT ... SELECT ... ON CONFLICT DO NOTHING per history
-   table, so a re-sent reading (same device and timestamp) lands once.
-3. Live: one bulk upsert per live table of the batch collapsed to the newest
-   reading per device; the WHERE guard keeps a newer stored reading.
-4. Dead letters: COPY the rejects with their bytes, source and reason.
-5. Commit. Offsets, history, live and dead letters land together or not at all.
+1. Fence: every partition of the batch must still carry this member's fence
+   token and a stored offset not past the batch; otherwise nothing is written
+   and the batch is dropped (Fenced) so its partitions are re-claimed.
+2. History: the readings are appended; a re-sent reading (same device and
+   timestamp) conflicts with the stored one and is skipped.
+3. Live: the batch is collapsed to the newest reading per device and upserted;
+   the guard keeps a newer stored reading.
+4. Dead letters: rejects are appended with their bytes, source and reason.
+5. Commit: offsets, history, live and dead letters land together or not at all.
 
-A data error in step 2-3 (a reading the database refuses despite validation)
-rolls back and the batch is written again reading by reading, each under a
-savepoint, so only the refused readings become dead letters.
+Steps 1-4 run inside sql/006_write_batch.sql's fleet_write_batch(), called as
+one statement (hence one transaction) with binary-encoded arrays: one round trip
+per batch, so the event loop is free to poll and decode the next batch while
+PostgreSQL writes this one.
+
+A data error (a reading the database refuses despite validation) rolls back,
+and the batch is written again reading by reading, each under a savepoint, so
+only the refused readings become dead letters.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from typing import Any
 import asyncpg
 import structlog
 
-from consumer.batch import Batch, DeadLetter, Message, OffsetRange, dead_letter, newest_per_device
+from consumer.batch import Batch, DeadLetter, OffsetRange, dead_letter
 from consumer.decode import Reason, Rejection
 from consumer.errors import Fenced
-from consumer.models import MeterReading, Reading, Stream
+from consumer.models import MeterReading, Reading, Stream, VehicleReading
 
 log = structlog.get_logger(__name__)
 
@@ -61,82 +65,43 @@ class WriteResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class _Table:
-    """How one stream maps onto its history, live and staging tables."""
-
-    history: str
-    live: str
-    stage: str
-    columns: tuple[str, ...]
-    types: tuple[str, ...]
-
-    @property
-    def key(self) -> str:
-        return self.columns[0]
+_WRITE_SQL = "SELECT * FROM fleet_write_batch(" + ", ".join(f"${i}" for i in range(1, 23)) + ")"
+_NO_OFFSETS: tuple[list[Any], ...] = ([], [], [], [], [])
+_NO_LETTERS: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
 
 
-_TABLES = {
-    Stream.METER: _Table(
-        "meter_history", "meter_live", "meter_stage",
-        ("meter_id", "kwh_consumed_ac", "voltage", "timestamp"),
-        ("text", "numeric(10,3)", "numeric(8,2)", "timestamptz"),
-    ),
-    Stream.VEHICLE: _Table(
-        "vehicle_history", "vehicle_live", "vehicle_stage",
-        ("vehicle_id", "soc", "kwh_delivered_dc", "battery_temp", "timestamp"),
-        ("text", "numeric(5,2)", "numeric(10,3)", "numeric(5,2)", "timestamptz"),
-    ),
-}
-_DEAD_LETTER_COLUMNS = (
-    "topic", "partition", "offset", "message_key", "payload", "reason", "detail"
-)
-
-
-def _quoted(columns: Sequence[str]) -> str:
-    return ", ".join(f'"{c}"' for c in columns)
-
-
-def _row(reading: Reading) -> tuple[Any, ...]:
-    if isinstance(reading, MeterReading):
-        return (reading.meterId, reading.kwhConsumedAc, reading.voltage, reading.timestamp)
+def _meter_columns(readings: Sequence[Reading]) -> tuple[list[Any], ...]:
+    meters = [r for r in readings if isinstance(r, MeterReading)]
     return (
-        reading.vehicleId, reading.soc, reading.kwhDeliveredDc,
-        reading.batteryTemp, reading.timestamp,
+        [r.meterId for r in meters],
+        [r.kwhConsumedAc for r in meters],
+        [r.voltage for r in meters],
+        [r.timestamp for r in meters],
     )
 
 
-def _history_sql(t: _Table) -> str:
-    cols = _quoted(t.columns)
-    return f"INSERT INTO {t.history} ({cols}) SELECT {cols} FROM {t.stage} ON CONFLICT DO NOTHING"
-
-
-def _live_sql(t: _Table) -> str:
-    cols = _quoted(t.columns)
-    arrays = ", ".join(f"${i}::{typ}[]" for i, typ in enumerate(t.types, start=1))
-    updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in t.columns[1:])
+def _vehicle_columns(readings: Sequence[Reading]) -> tuple[list[Any], ...]:
+    vehicles = [r for r in readings if isinstance(r, VehicleReading)]
     return (
-        f"INSERT INTO {t.live} ({cols}) SELECT * FROM unnest({arrays}) "
-        f'ON CONFLICT ("{t.key}") DO UPDATE SET {updates}, updated_at = now() '
-        f'WHERE {t.live}."timestamp" < EXCLUDED."timestamp"'
+        [r.vehicleId for r in vehicles],
+        [r.soc for r in vehicles],
+        [r.kwhDeliveredDc for r in vehicles],
+        [r.batteryTemp for r in vehicles],
+        [r.timestamp for r in vehicles],
     )
 
 
-def _single_history_sql(t: _Table) -> str:
-    cols = _quoted(t.columns)
-    params = ", ".join(f"${i}" for i in range(1, len(t.columns) + 1))
-    return f"INSERT INTO {t.history} ({cols}) VALUES ({params}) ON CONFLICT DO NOTHING"
+def _letter_columns(letters: Sequence[DeadLetter]) -> tuple[list[Any], ...]:
+    return (
+        [d.topic for d in letters],
+        [d.partition for d in letters],
+        [d.offset for d in letters],
+        [d.key for d in letters],
+        [d.payload for d in letters],
+        [d.rejection.reason.value for d in letters],
+        [d.rejection.detail for d in letters],
+    )
 
-
-_FENCE_SQL = """
-UPDATE consumer_offsets o
-   SET next_offset = b.next, updated_at = now()
-  FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[])
-       AS b(topic, part, first, next, fence)
- WHERE o.group_id = $1 AND o.topic = b.topic AND o."partition" = b.part
-   AND o.fence = b.fence AND coalesce(o.next_offset, 0) <= b.first
-RETURNING o.topic, o."partition"
-"""
 
 _CLAIM_SQL = """
 INSERT INTO consumer_offsets AS o (group_id, topic, "partition", fence, owner)
@@ -145,15 +110,6 @@ ON CONFLICT (group_id, topic, "partition")
 DO UPDATE SET fence = o.fence + 1, owner = EXCLUDED.owner, updated_at = now()
 RETURNING topic, "partition", next_offset, fence
 """
-
-
-async def _prepare_connection(conn: asyncpg.Connection) -> None:
-    """Per-connection staging tables for COPY; emptied by every commit."""
-    for t in _TABLES.values():
-        columns = ", ".join(f'"{c}" {typ}' for c, typ in zip(t.columns, t.types, strict=True))
-        await conn.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {t.stage} ({columns}) ON COMMIT DELETE ROWS"
-        )
 
 
 class Store:
@@ -176,10 +132,10 @@ class Store:
             dsn,
             min_size=1,
             max_size=max_size,
-            init=_prepare_connection,
             server_settings={
                 "application_name": f"fleet-consumer {owner}"[:63],
                 "idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms),
+                "synchronous_commit": "off",
             },
         )
         return cls(pool, group_id, owner)
@@ -216,120 +172,104 @@ class Store:
 
     async def write(self, batch: Batch, claims: dict[TopicPartition, Claim]) -> WriteResult:
         """Write one batch in one transaction (see the module docstring)."""
+        offsets = self._offset_columns(batch.offsets, claims)
         async with self.pool.acquire() as conn:
             try:
-                async with conn.transaction():
-                    return await self._write_in_transaction(conn, batch, claims, row_by_row=False)
+                # One statement is one transaction: no BEGIN/COMMIT round trips.
+                row = await conn.fetchrow(
+                    _WRITE_SQL,
+                    self.group_id,
+                    *offsets,
+                    *_meter_columns(batch.readings[Stream.METER]),
+                    *_vehicle_columns(batch.readings[Stream.VEHICLE]),
+                    *_letter_columns(batch.dead_letters),
+                )
+                _raise_if_fenced(row)  # a fenced call wrote nothing
             except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
                 log.warning("batch_refused_by_database", error=str(exc), records=len(batch))
-            async with conn.transaction():
-                return await self._write_in_transaction(conn, batch, claims, row_by_row=True)
-
-    async def _write_in_transaction(
-        self,
-        conn: asyncpg.Connection,
-        batch: Batch,
-        claims: dict[TopicPartition, Claim],
-        *,
-        row_by_row: bool,
-    ) -> WriteResult:
-        result = WriteResult(dead_letters=list(batch.dead_letters))
-        # Step 1: fence.
-        await self._advance_offsets(conn, batch.offsets, claims)
-        for stream, readings in batch.readings.items():
-            if not readings:
-                continue
-            counts = result.counts[stream]
-            # Step 2: history.
-            if row_by_row:
-                readings, counts.stored, refused = await self._history_row_by_row(
-                    conn, stream, readings, batch.sources[stream]
-                )
-                result.dead_letters.extend(refused)
             else:
-                counts.stored = await self._copy_history(conn, stream, readings)
-            counts.duplicate = len(readings) - counts.stored
-            # Step 3: live.
-            counts.stale = await self._upsert_live(conn, stream, readings)
-        # Step 4: dead letters.
-        if result.dead_letters:
-            await conn.copy_records_to_table(
-                "dead_letters",
-                columns=_DEAD_LETTER_COLUMNS,
-                records=[
-                    (d.topic, d.partition, d.offset, d.key, d.payload,
-                     d.rejection.reason.value, d.rejection.detail)
-                    for d in result.dead_letters
-                ],
+                result = WriteResult(dead_letters=list(batch.dead_letters))
+                for stream, prefix in ((Stream.METER, "meters"), (Stream.VEHICLE, "vehicles")):
+                    _count(
+                        result.counts[stream],
+                        batch.readings[stream],
+                        row[f"{prefix}_stored"],
+                        row[f"{prefix}_live"],
+                    )
+                return result
+            async with conn.transaction():
+                return await self._write_row_by_row(conn, batch, offsets)
+
+    async def _write_row_by_row(
+        self, conn: asyncpg.Connection, batch: Batch, offsets: tuple[list[Any], ...]
+    ) -> WriteResult:
+        """Slow path: each reading under a savepoint; the refused ones become dead letters."""
+        _raise_if_fenced(
+            await conn.fetchrow(
+                _WRITE_SQL,
+                self.group_id,
+                *offsets,
+                *_meter_columns([]),
+                *_vehicle_columns([]),
+                *_NO_LETTERS,
             )
-        # Step 5: the caller's `async with conn.transaction()` commits on return.
+        )
+        result = WriteResult(dead_letters=list(batch.dead_letters))
+        for stream, readings in batch.readings.items():
+            counts = result.counts[stream]
+            for reading, source in zip(readings, batch.sources[stream], strict=True):
+                try:
+                    async with conn.transaction():  # a savepoint
+                        row = await conn.fetchrow(
+                            _WRITE_SQL,
+                            self.group_id,
+                            *_NO_OFFSETS,
+                            *_meter_columns([reading]),
+                            *_vehicle_columns([reading]),
+                            *_NO_LETTERS,
+                        )
+                except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+                    detail = f"{exc.sqlstate}: {exc}"[:500]
+                    rejection = Rejection(Reason.DATABASE_REJECTED, detail, stream)
+                    result.dead_letters.append(dead_letter(source, rejection))
+                    continue
+                stored = row["meters_stored"] + row["vehicles_stored"]
+                counts.stored += stored
+                counts.duplicate += 1 - stored
+                counts.stale += 1 - (row["meters_live"] + row["vehicles_live"])
+        await conn.fetchrow(
+            _WRITE_SQL,
+            self.group_id,
+            *_NO_OFFSETS,
+            *_meter_columns([]),
+            *_vehicle_columns([]),
+            *_letter_columns(result.dead_letters),
+        )
         return result
 
-    async def _advance_offsets(
-        self,
-        conn: asyncpg.Connection,
-        offsets: dict[TopicPartition, OffsetRange],
-        claims: dict[TopicPartition, Claim],
-    ) -> None:
+    @staticmethod
+    def _offset_columns(
+        offsets: dict[TopicPartition, OffsetRange], claims: dict[TopicPartition, Claim]
+    ) -> tuple[list[Any], ...]:
         ordered = sorted(offsets)
         unclaimed = [tp for tp in ordered if tp not in claims]
         if unclaimed:
             raise Fenced(unclaimed)
-        rows = await conn.fetch(
-            _FENCE_SQL,
-            self.group_id,
+        return (
             [t for t, _ in ordered],
             [p for _, p in ordered],
             [offsets[tp].first for tp in ordered],
             [offsets[tp].next for tp in ordered],
             [claims[tp].fence for tp in ordered],
         )
-        if len(rows) != len(ordered):
-            advanced = {(r["topic"], r["partition"]) for r in rows}
-            raise Fenced([tp for tp in ordered if tp not in advanced])
 
-    async def _copy_history(
-        self, conn: asyncpg.Connection, stream: Stream, readings: Sequence[Reading]
-    ) -> int:
-        """COPY into the staging table, then move what is new; returns rows stored."""
-        t = _TABLES[stream]
-        await conn.copy_records_to_table(
-            t.stage, columns=t.columns, records=[_row(r) for r in readings]
-        )
-        status = await conn.execute(_history_sql(t))
-        return int(status.rsplit(" ", 1)[1])
 
-    async def _history_row_by_row(
-        self,
-        conn: asyncpg.Connection,
-        stream: Stream,
-        readings: Sequence[Reading],
-        sources: Sequence[Message],
-    ) -> tuple[list[Reading], int, list[DeadLetter]]:
-        """Slow path: (readings accepted, rows stored, dead letters for the refused ones)."""
-        sql = _single_history_sql(_TABLES[stream])
-        accepted: list[Reading] = []
-        refused: list[DeadLetter] = []
-        stored = 0
-        for reading, source in zip(readings, sources, strict=True):
-            try:
-                async with conn.transaction():  # a savepoint
-                    status = await conn.execute(sql, *_row(reading))
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-                detail = f"{exc.sqlstate}: {exc}"[:500]
-                refused.append(
-                    dead_letter(source, Rejection(Reason.DATABASE_REJECTED, detail, stream))
-                )
-                continue
-            accepted.append(reading)
-            stored += status.endswith(" 1")
-        return accepted, stored, refused
+def _raise_if_fenced(row: asyncpg.Record) -> None:
+    if row["fenced"]:
+        raise Fenced([(t, int(p)) for t, p in (f.rsplit("/", 1) for f in row["fenced"])])
 
-    async def _upsert_live(
-        self, conn: asyncpg.Connection, stream: Stream, readings: Sequence[Reading]
-    ) -> int:
-        """Upsert the newest reading per device; returns how many the guard kept out (stale)."""
-        newest = newest_per_device(readings)
-        columns = list(zip(*(_row(r) for r in newest), strict=True))
-        status = await conn.execute(_live_sql(_TABLES[stream]), *columns)
-        return len(newest) - int(status.rsplit(" ", 1)[1])
+
+def _count(counts: StreamCounts, readings: Sequence[Reading], stored: int, live: int) -> None:
+    counts.stored = stored
+    counts.duplicate = len(readings) - stored
+    counts.stale = len({r.device_id for r in readings}) - live

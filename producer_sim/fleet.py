@@ -53,7 +53,7 @@ class Fleet:
         if meters < 1 or vehicles < 0:
             raise ValueError("a fleet needs at least one meter and no negative vehicle count")
         self.seed = seed
-        rng = random.Random(seed)
+        rng = random.Random(seed)  # noqa: S311 -- a reproducible simulation, not secrets
         self.meter_ids = tuple(f"meter-{i + 1:05d}" for i in range(meters))
         self.vehicle_ids = tuple(f"ev-{i + 1:05d}" for i in range(vehicles))
         self._meter_of = [i % meters for i in range(vehicles)]
@@ -102,22 +102,33 @@ class Fleet:
 
     def _run(self, start: datetime, interval: timedelta, rounds: int) -> Iterator[Reading]:
         # A second generator, so the traits above do not depend on the run's length.
-        rng = random.Random(f"{self.seed}:run")
+        rng = random.Random(f"{self.seed}:run")  # noqa: S311 -- as above
         hours = interval / timedelta(hours=1)
         relax = 1.0 - math.exp(-hours / THERMAL_TAU_HOURS)
         meters, vehicles = len(self.meter_ids), len(self.vehicle_ids)
         meter_ids, vehicle_ids, meter_of = self.meter_ids, self.vehicle_ids, self._meter_of
         efficiency, ambient, plug_in_soc = self._efficiency, self._ambient, self._plug_in_soc
         site_voltage = self._site_voltage
-        dc_per_round = [kw * eff * hours for kw, eff in zip(self._charger_kw, efficiency, strict=True)]
-        warm_to = [WARMING_C_PER_KW * kw * eff for kw, eff in zip(self._charger_kw, efficiency, strict=True)]
+        dc_per_round = [
+            kw * eff * hours for kw, eff in zip(self._charger_kw, efficiency, strict=True)
+        ]
+        warm_to = [
+            WARMING_C_PER_KW * kw * eff
+            for kw, eff in zip(self._charger_kw, efficiency, strict=True)
+        ]
         standby = [kw * hours for kw in self._standby_kw]
         kwh_per_pct = [c / 100.0 for c in self._capacity]
-        away_pct = [kw * hours / c * 100.0 for kw, c in zip(self._away_kw, self._capacity, strict=True)]
+        away_pct = [
+            kw * hours / c * 100.0 for kw, c in zip(self._away_kw, self._capacity, strict=True)
+        ]
 
         # Mutable state, copied so every call replays the same run.
         soc, temp = list(self._soc0), list(self._temp0)
-        charging, target, away_left = list(self._charging0), list(self._target0), list(self._away_left0)
+        charging, target, away_left = (
+            list(self._charging0),
+            list(self._target0),
+            list(self._away_left0),
+        )
         dc_register, dc_reported = [0.0] * vehicles, [0] * vehicles  # kWh exact, Wh reported
         ac_register, ac_reported = [0.0] * meters, [0] * meters
 

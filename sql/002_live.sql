@@ -7,7 +7,7 @@ CREATE TABLE meter_live (
     voltage         numeric(8,2)  NOT NULL CHECK (voltage >= 0 AND voltage <= 100000),
     "timestamp"     timestamptz   NOT NULL,
     updated_at      timestamptz   NOT NULL DEFAULT now()
-);
+) WITH (fillfactor = 70);  -- room on each page for HOT updates of the newest reading
 
 CREATE TABLE vehicle_live (
     vehicle_id       text          PRIMARY KEY,
@@ -16,4 +16,4 @@ CREATE TABLE vehicle_live (
     battery_temp     numeric(5,2)  NOT NULL CHECK (battery_temp >= -50 AND battery_temp <= 150),
     "timestamp"      timestamptz   NOT NULL,
     updated_at       timestamptz   NOT NULL DEFAULT now()
-);
+) WITH (fillfactor = 70);  -- room on each page for HOT updates of the newest reading

@@ -1,0 +1,42 @@
+# Fleet telemetry platform. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint bench up down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+demo: $(STAMP) ## run broker, database, consumer and a simulated fleet locally
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP) lint ## lint, then every test (real PostgreSQL and a local broker)
+	$(BIN)/pytest
+
+lint: $(STAMP) ## ruff and mypy --strict
+	$(BIN)/ruff check consumer producer_sim tests scripts
+	$(BIN)/ruff format --check consumer producer_sim tests scripts
+	$(BIN)/mypy
+
+bench: $(STAMP) ## end-to-end ingest benchmark (prints numbers; see BENCHMARKS.md)
+	$(BIN)/python scripts/bench_ingest.py
+
+up: ## run the stack with docker compose (needs a Docker engine)
+	docker compose up -d
+
+down: ## stop the docker compose stack
+	docker compose down
+
+clean: ## remove the virtualenv and local state
+	rm -rf $(VENV) .demo .bench .pytest-artifacts .mypy_cache .ruff_cache .hypothesis

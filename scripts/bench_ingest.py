@@ -1,0 +1,199 @@
+"""End-to-end ingest benchmark: simulator -> local broker -> consumer -> PostgreSQL.
+
+1. Publish a fleet's backfill (default 10,000 meters + 10,000 vehicles x 25 rounds
+   = 500,000 readings) to the mixed topic of a local broker.
+2. Run `python -m consumer run` on a fresh database and time it from its first
+   fetched batch to its last committed one (from its own batch log lines), with
+   exactly-once offsets and duplicate suppression on, as in production.
+3. On another fresh database, COPY the same rows from a file with psql: the
+   database's own ceiling on this machine.
+Prints both rates, their ratio and the consumer's peak RSS; the last line is JSON.
+
+Broker, database and consumer share this machine's cores: the figures are for
+all three together, not for the consumer alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from consumer.devstack import free_port, postgres_reachable, start_broker, start_embedded_postgres
+from consumer.kafka import ensure_topics
+from consumer.migrate import migrate
+from producer_sim.__main__ import publish
+from producer_sim.fleet import Fleet
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".bench"
+
+
+def _with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+async def _fresh_database(admin_dsn: str, name: str) -> str:
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = _with_database(admin_dsn, name)
+    await migrate(dsn)
+    return dsn
+
+
+def _run_consumer(env: dict[str, str], log_path: Path) -> tuple[int, float]:
+    """Run the consumer until it idles out; returns (exit code, peak RSS in MB)."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(  # noqa: S603 -- our own module
+            [sys.executable, "-m", "consumer", "run", "--idle-timeout", "5"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _ingest_window(log_path: Path) -> tuple[int, float]:
+    """(records, seconds) from the first batch's start to the last batch's commit."""
+    batches = []
+    for line in log_path.read_text().splitlines():
+        if '"batch_committed"' in line:
+            batches.append(json.loads(line))
+    if not batches:
+        raise SystemExit(f"the consumer committed nothing; see {log_path}")
+    def at(entry: dict[str, Any]) -> float:
+        return datetime.fromisoformat(entry["timestamp"]).timestamp()
+    first = batches[0]
+    start = at(first) - first["write_seconds"] - first["decode_seconds"]
+    return sum(b["records"] for b in batches), at(batches[-1]) - start
+
+
+def _write_copy_files(fleet: Fleet, start: datetime, interval: timedelta, rounds: int) -> tuple[Path, Path]:
+    meters, vehicles = WORK / "meters.csv", WORK / "vehicles.csv"
+    with meters.open("w", newline="") as mf, vehicles.open("w", newline="") as vf:
+        mw, vw = csv.writer(mf), csv.writer(vf)
+        for r in fleet.readings(start, interval, rounds):
+            if "meterId" in r:
+                mw.writerow((r["meterId"], r["kwhConsumedAc"], r["voltage"], r["timestamp"]))
+            else:
+                vw.writerow((r["vehicleId"], r["soc"], r["kwhDeliveredDc"], r["batteryTemp"], r["timestamp"]))
+    return meters, vehicles
+
+
+def _psql_copy_seconds(dsn: str, meters: Path, vehicles: Path) -> float:
+    psql = shutil.which("psql")
+    if psql is None:
+        raise SystemExit("psql is needed for the COPY ceiling")
+    script = (
+        f"\\copy meter_history (meter_id, kwh_consumed_ac, voltage, \"timestamp\") FROM '{meters}' CSV\n"
+        f"\\copy vehicle_history (vehicle_id, soc, kwh_delivered_dc, battery_temp, \"timestamp\") "
+        f"FROM '{vehicles}' CSV\n"
+    )
+    began = time.perf_counter()
+    subprocess.run([psql, dsn, "-v", "ON_ERROR_STOP=1", "-q"], input=script.encode(), check=True)  # noqa: S603
+    return time.perf_counter() - began
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--meters", type=int, default=10_000)
+    parser.add_argument("--vehicles", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--batch-max-records", type=int, default=5000)
+    args = parser.parse_args()
+    WORK.mkdir(exist_ok=True)
+
+    broker = None
+    bootstrap = os.environ.get("FLEET_KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        broker = start_broker(WORK)
+        bootstrap = broker.bootstrap_servers
+    admin_dsn = os.environ.get("FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    if not await postgres_reachable(admin_dsn):
+        admin_dsn = start_embedded_postgres(WORK / "pgdata")
+    try:
+        suffix = datetime.now(UTC).strftime("%H%M%S")
+        topics = {"meter": f"bench-meter-{suffix}", "vehicle": f"bench-vehicle-{suffix}",
+                  "mixed": f"bench-fleet-{suffix}"}
+        await ensure_topics(bootstrap, topics.values(), args.partitions)
+        fleet = Fleet(args.meters, args.vehicles, seed=1)
+        interval = timedelta(minutes=1)
+        start = datetime.now(UTC).replace(microsecond=0) - args.rounds * interval
+        began = time.perf_counter()
+        readings = await publish(bootstrap, fleet, start, interval, args.rounds, "mixed",
+                                 topics["meter"], topics["vehicle"], topics["mixed"], False)
+        publish_s = time.perf_counter() - began
+        print(f"published {readings:,} readings in {publish_s:.1f} s ({readings / publish_s:,.0f}/s)")
+
+        dsn = await _fresh_database(admin_dsn, "fleet_bench")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")} | {
+            "FLEET_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "FLEET_DATABASE_URL": dsn,
+            "FLEET_METER_TOPIC": topics["meter"],
+            "FLEET_VEHICLE_TOPIC": topics["vehicle"],
+            "FLEET_MIXED_TOPIC": topics["mixed"],
+            "FLEET_DLQ_TOPIC": f"bench-dlq-{suffix}",
+            "FLEET_GROUP_ID": f"bench-{suffix}",
+            "FLEET_BATCH_MAX_RECORDS": str(args.batch_max_records),
+            "FLEET_KAFKA_IDEMPOTENT_PRODUCER": "false",
+            "FLEET_SESSION_TIMEOUT_MS": "6000",
+            "FLEET_HTTP_PORT": str(free_port()),
+            "FLEET_LOG_JSON": "true",
+        }
+        log_path = WORK / "consumer.log"
+        code, peak_rss_mb = _run_consumer(env, log_path)
+        if code != 0:
+            raise SystemExit(f"consumer exited with {code}; see {log_path}")
+        records, ingest_s = _ingest_window(log_path)
+        conn = await asyncpg.connect(dsn)
+        stored = await conn.fetchval(
+            "SELECT (SELECT count(*) FROM meter_history) + (SELECT count(*) FROM vehicle_history)"
+        )
+        await conn.close()
+        if stored != readings:
+            raise SystemExit(f"stored {stored} of {readings} readings; see {log_path}")
+
+        meters_csv, vehicles_csv = _write_copy_files(fleet, start, interval, args.rounds)
+        ceiling_dsn = await _fresh_database(admin_dsn, "fleet_bench_copy")
+        copy_s = _psql_copy_seconds(ceiling_dsn, meters_csv, vehicles_csv)
+
+        ingest_rate = records / ingest_s
+        copy_rate = readings / copy_s
+        print(f"consumer: {records:,} records in {ingest_s:.2f} s = {ingest_rate:,.0f} readings/s "
+              f"(batches of {args.batch_max_records}, {args.partitions} partitions)")
+        print(f"psql COPY ceiling: {readings:,} rows in {copy_s:.2f} s = {copy_rate:,.0f} rows/s")
+        print(f"ratio consumer/COPY: {ingest_rate / copy_rate:.2f}; consumer peak RSS {peak_rss_mb:.0f} MB")
+        print(f"machine: {os.cpu_count()} cores shared by broker, PostgreSQL and consumer")
+        print(json.dumps({
+            "readings": readings,
+            "ingest_readings_per_s": round(ingest_rate),
+            "copy_ceiling_rows_per_s": round(copy_rate),
+            "ratio": round(ingest_rate / copy_rate, 3),
+            "consumer_peak_rss_mb": round(peak_rss_mb, 1),
+            "ingest_seconds": round(ingest_s, 2),
+            "cores": os.cpu_count(),
+        }))
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,101 @@
+"""Consumer processes and a cuttable TCP proxy, for crash, rebalance and outage tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from consumer.devstack import free_port
+from consumer.settings import Settings
+from tests.conftest import ARTIFACTS, settings_env
+
+
+class ConsumerProcess:
+    """`python -m consumer run` as a child process with the test's settings."""
+
+    def __init__(self, settings: Settings, name: str, *args: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log_path: Path = ARTIFACTS / f"{settings.group_id}-{name}.log"
+        env = settings_env(settings) | {"FLEET_HTTP_PORT": str(free_port())}
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "consumer", "run", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def member(self) -> str:
+        """The owner name it writes into consumer_offsets (hostname-pid)."""
+        return f"-{self.process.pid}"
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    async def wait(self, timeout: float = 60) -> int:
+        loop = asyncio.get_running_loop()
+        code = await asyncio.wait_for(loop.run_in_executor(None, self.process.wait), timeout)
+        self._log.close()
+        return code
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
+        self._log.close()
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to PostgreSQL; cut() drops every connection and refuses new ones."""
+
+    def __init__(self, dsn: str) -> None:
+        parts = urlsplit(dsn)
+        socket_dir = parse_qs(parts.query).get("host", [""])[0]
+        self._unix_path = f"{socket_dir}/.s.PGSQL.{parts.port or 5432}" if socket_dir else None
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self.port = free_port()
+        netloc = f"{parts.username or 'postgres'}@127.0.0.1:{self.port}"
+        self.dsn = urlunsplit(parts._replace(netloc=netloc, query=""))
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            if self._unix_path:
+                up_r, up_w = await asyncio.open_unix_connection(self._unix_path)
+            else:
+                up_r, up_w = await asyncio.open_connection(*self._target)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self._writers |= {client_w, up_w}
+        await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+            self._writers.discard(writer)

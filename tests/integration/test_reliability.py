@@ -1,0 +1,203 @@
+"""Exactly once through crashes, rebalances, outages and zombies."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+
+from consumer.batch import build_batch
+from consumer.decode import Limits
+from consumer.errors import Fenced
+from consumer.models import Stream
+from consumer.service import Service
+from consumer.settings import Settings
+from consumer.store import Store
+from tests.conftest import wait_until
+from tests.integration.helpers import (
+    encode,
+    expected_history,
+    history_keys,
+    mixed_fleet,
+    publish,
+)
+from tests.integration.processes import ConsumerProcess, TcpProxy
+
+BAD_EVERY = 97  # a malformed message every so often: dead letters have no unique key,
+# so a message processed twice would show up as a second dead letter.
+
+
+def stream_with_rejects(meters: int, vehicles: int, rounds: int) -> tuple[list, list[tuple]]:
+    readings = mixed_fleet(meters, vehicles, rounds)
+    messages: list[tuple] = []
+    for i, reading in enumerate(readings):
+        messages.append(encode(reading))
+        if i % BAD_EVERY == 0:
+            messages.append((b"bad", f"not json {i}".encode()))
+    return readings, messages
+
+
+async def assert_exactly_once(
+    db: asyncpg.Connection, settings: Settings, readings: list, messages: list[tuple]
+) -> None:
+    meters = await history_keys(db, "meter_history", "meter_id")
+    vehicles = await history_keys(db, "vehicle_history", "vehicle_id")
+    assert set(meters) == expected_history(readings, "meterId")
+    assert set(vehicles) == expected_history(readings, "vehicleId")
+    bad = [v for _, v in messages if v.startswith(b"not json")]
+    letters = await db.fetch('SELECT payload, "partition", "offset" FROM dead_letters')
+    assert sorted(r["payload"] for r in letters) == sorted(bad)  # none lost, none twice
+    stored = await db.fetchval(
+        "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1", settings.mixed_topic
+    )
+    assert stored == len(messages)
+
+
+async def history_count(db: asyncpg.Connection) -> int:
+    return await db.fetchval(
+        "SELECT (SELECT count(*) FROM meter_history) + (SELECT count(*) FROM vehicle_history)"
+    )
+
+
+@pytest.fixture
+def small_batches(settings: Settings) -> Settings:
+    return settings.model_copy(update={"batch_max_records": 200})
+
+
+async def test_consumer_killed_with_sigkill_and_restarted_loses_and_duplicates_nothing(
+    small_batches: Settings, db: asyncpg.Connection
+) -> None:
+    """kill -9 mid-stream, restart: every reading stored once, every reject recorded once."""
+    settings = small_batches
+    readings, messages = stream_with_rejects(meters=100, vehicles=100, rounds=60)
+    await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages)
+
+    first = ConsumerProcess(settings, "first")
+    try:
+        await wait_until(lambda: _at_least(db, 2000), timeout=60)
+    finally:
+        first.signal(signal.SIGKILL)
+        await first.wait()
+    assert await history_count(db) < len(readings), "killed too late to prove anything"
+
+    second = ConsumerProcess(settings, "second", "--idle-timeout", "3")
+    assert await second.wait(timeout=120) == 0, second.output()
+    await assert_exactly_once(db, settings, readings, messages)
+
+
+async def test_members_joining_and_leaving_mid_stream_lose_and_duplicate_nothing(
+    small_batches: Settings, db: asyncpg.Connection
+) -> None:
+    """A second member joins mid-stream and the first leaves (SIGTERM): exactly once throughout."""
+    settings = small_batches
+    readings, messages = stream_with_rejects(meters=100, vehicles=100, rounds=60)
+    half = len(messages) // 2
+    await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[:half])
+
+    first = ConsumerProcess(settings, "first")
+    second: ConsumerProcess | None = None
+    try:
+        await wait_until(lambda: _at_least(db, 1000), timeout=60)
+        second = ConsumerProcess(settings, "second", "--idle-timeout", "6")
+        await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[half:])
+        await wait_until(lambda: _owner_committed(db, second), timeout=60)
+        first.signal(signal.SIGTERM)
+        assert await first.wait() == 0, first.output()
+        assert "stopped" in first.output()
+        assert await second.wait(timeout=120) == 0, second.output()
+    finally:
+        for p in (first, second):
+            if p is not None and p.process.poll() is None:
+                p.kill()
+    await assert_exactly_once(db, settings, readings, messages)
+
+
+async def test_database_outage_pauses_then_catches_up_with_nothing_lost(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Connections terminated and refused for a while: the consumer waits in the group, then catches up."""
+    proxy = TcpProxy(settings.database_url.get_secret_value())
+    await proxy.start()
+    settings = settings.model_copy(update={"database_url": SecretStr(proxy.dsn)})
+    readings, messages = stream_with_rejects(meters=50, vehicles=50, rounds=20)
+    third = len(messages) // 3
+    await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[:third])
+
+    service = Service(settings)
+    assert await service.start()
+    assert service.pipeline is not None and service.consumer is not None
+    runner = asyncio.create_task(service.pipeline.run())
+    try:
+        await wait_until(lambda: _at_least(db, 100), timeout=60)
+        await proxy.cut()
+        await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[third:])
+        await asyncio.sleep(4)  # several retries' worth of outage
+        assert not runner.done(), "the consumer must wait, not crash"
+        assert service.consumer.assignment(), "the consumer must stay in the group"
+        assert set(service.consumer.paused()) == service.consumer.assignment()
+        await proxy.start()
+        await wait_until(lambda: _at_least(db, len(readings)), timeout=60)
+        await wait_until(lambda: _offsets_at(db, settings, len(messages)), timeout=30)
+    finally:
+        service.pipeline.stop()
+        await runner
+        await service.stop()
+        await proxy.cut()
+    await assert_exactly_once(db, settings, readings, messages)
+
+
+async def test_a_member_that_lost_its_partitions_cannot_commit_a_stale_batch(
+    settings: Settings, database: str, db: asyncpg.Connection
+) -> None:
+    """The fence: once another member claimed a partition, the old owner's batch is refused whole."""
+    zombie = await Store.open(database, group_id=settings.group_id, owner="zombie")
+    successor = await Store.open(database, group_id=settings.group_id, owner="successor")
+    try:
+        tp = (settings.mixed_topic, 0)
+        zombie_claims = await zombie.claim([tp])
+        successor_claims = await successor.claim([tp])
+        assert successor_claims[tp].fence > zombie_claims[tp].fence
+
+        class Msg:
+            topic, partition, key = settings.mixed_topic, 0, b"m-1"
+            def __init__(self, offset: int, value: bytes) -> None:
+                self.offset, self.value = offset, value
+
+        _, value = encode(mixed_fleet(1, 0, 1)[0])
+        batch = build_batch([Msg(0, value), Msg(1, b"junk")], {settings.mixed_topic: None},
+                            now=datetime.now(UTC), limits=Limits())
+        with pytest.raises(Fenced):
+            await zombie.write(batch, zombie_claims)
+        assert await history_count(db) == 0
+        assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+        result = await successor.write(batch, successor_claims)
+        assert result.counts[Stream.METER].stored == 1
+        assert await db.fetchval("SELECT next_offset FROM consumer_offsets") == 2
+        with pytest.raises(Fenced):  # the same batch again: the stored offset is past it
+            await successor.write(batch, successor_claims)
+    finally:
+        await zombie.close()
+        await successor.close()
+
+
+async def _at_least(db: asyncpg.Connection, n: int) -> bool:
+    return await history_count(db) >= n
+
+
+async def _owner_committed(db: asyncpg.Connection, member: ConsumerProcess) -> bool:
+    return bool(await db.fetchval(
+        "SELECT count(*) FROM consumer_offsets WHERE owner LIKE '%' || $1 AND next_offset IS NOT NULL",
+        member.member,
+    ))
+
+
+async def _offsets_at(db: asyncpg.Connection, settings: Settings, n: int) -> bool:
+    stored = await db.fetchval(
+        "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1", settings.mixed_topic
+    )
+    return stored == n
