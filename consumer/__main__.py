@@ -8,6 +8,7 @@ import sys
 
 import structlog
 
+from consumer.errors import ConfigError
 from consumer.log import configure_logging
 from consumer.migrate import migrate
 from consumer.service import Service
@@ -37,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     log = structlog.get_logger("consumer")
-    if args.command == "migrate":
-        applied = asyncio.run(migrate(settings.database_url.get_secret_value()))
-        log.info("migrated", applied=applied)
-    else:
-        asyncio.run(_run(settings, args))
+    try:
+        if args.command == "migrate":
+            applied = asyncio.run(migrate(settings.database_url.get_secret_value()))
+            log.info("migrated", applied=applied)
+        else:
+            asyncio.run(_run(settings, args))
+    except ConfigError as exc:
+        log.error("configuration_error", error=str(exc))  # noqa: TRY400 -- the message is the help
+        return 2
     return 0
 
 

@@ -100,7 +100,7 @@ _JSON = json.JSONDecoder(
 )
 
 
-def parse_json_object(value: bytes | None, limits: Limits) -> dict[str, Any] | Rejection:
+def parse_json_object(value: bytes | None, limits: Limits) -> dict[str, Any] | Rejection:  # noqa: PLR0911 -- one return per reason
     """The message as a JSON object, or why it is not one."""
     if not value:
         return Rejection(Reason.EMPTY_PAYLOAD, "the message value is empty or null")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterable
@@ -58,10 +59,8 @@ async def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partition
         existing = set(await admin.list_topics())
         wanted = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently
                 await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass  # created concurrently by another process
     finally:
         await admin.close()
 
@@ -84,10 +83,8 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in revoked:
             self.pending.discard(tp)
             self.claims.pop((tp.topic, tp.partition), None)
-            try:
+            with contextlib.suppress(KeyError):  # no lag reported yet for it
                 CONSUMER_LAG.remove(tp.topic, str(tp.partition))
-            except KeyError:
-                pass  # no lag reported yet for it
         log.info(
             "partitions_revoked", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked)
         )

@@ -74,8 +74,8 @@ class Stream(enum.StrEnum):
 class MeterReading(BaseModel):
     model_config = _READING_CONFIG
 
-    meterId: DeviceId  # noqa: N815 -- wire name
-    kwhConsumedAc: Kwh  # noqa: N815
+    meterId: DeviceId
+    kwhConsumedAc: Kwh
     voltage: Volts
     timestamp: Timestamp
 
@@ -87,10 +87,10 @@ class MeterReading(BaseModel):
 class VehicleReading(BaseModel):
     model_config = _READING_CONFIG
 
-    vehicleId: DeviceId  # noqa: N815 -- wire name
+    vehicleId: DeviceId
     soc: Percent
-    kwhDeliveredDc: Kwh  # noqa: N815
-    batteryTemp: Celsius  # noqa: N815
+    kwhDeliveredDc: Kwh
+    batteryTemp: Celsius
     timestamp: Timestamp
 
     @property

@@ -14,6 +14,7 @@ One loop, one batch in hand at a time:
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -208,7 +209,7 @@ class Pipeline:
         while self.tracker.pending and not self._stop.is_set():
             pending = sorted(self.tracker.pending)
             claims = await self._with_sink_retry(
-                lambda: self.store.claim([(tp.topic, tp.partition) for tp in pending]),
+                functools.partial(self.store.claim, [(tp.topic, tp.partition) for tp in pending]),
                 wait=self._idle_in_group,
             )
             if claims is None:
@@ -229,7 +230,7 @@ class Pipeline:
             log.info("partitions_claimed", partitions=[f"{t}-{p}" for t, p in claims])
 
     def _reclaim(self, batch: Batch) -> None:
-        """After a fenced batch: re-claim what we still own, so reading restarts at stored offsets."""
+        """After a fenced batch: re-claim what is still ours; reading restarts at stored offsets."""
         assigned = self.consumer.assignment()
         for topic, partition in batch.offsets:
             tp = TopicPartition(topic, partition)
@@ -307,8 +308,8 @@ class Pipeline:
                 if n:
                     metrics.INGEST_RECORDS.labels(stream.value, outcome).inc(n)
         for letter in result.dead_letters:
-            stream = letter.rejection.stream.value if letter.rejection.stream else "unknown"
-            metrics.INGEST_RECORDS.labels(stream, "rejected").inc()
+            label = letter.rejection.stream.value if letter.rejection.stream else "unknown"
+            metrics.INGEST_RECORDS.labels(label, "rejected").inc()
         metrics.BATCH_RECORDS.observe(len(batch))
         metrics.BATCH_WRITE_SECONDS.observe(write_seconds)
         newest = max(

@@ -12,11 +12,11 @@ from typing import TypeVar
 import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
 
 from consumer import metrics
 from consumer.api.app import make_app
-from consumer.errors import is_transient
+from consumer.errors import ConfigError, is_transient
 from consumer.kafka import PartitionTracker, make_consumer, make_producer, member_name
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
@@ -31,7 +31,7 @@ _PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
 async def _until_up(
     what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event
 ) -> T | None:
-    """Start-up waits for its dependencies instead of crash-looping."""
+    """Start-up waits for its dependencies instead of crash-looping; None once asked to stop."""
     delay = 0.5
     while True:
         try:
@@ -94,18 +94,12 @@ class Service:
         self._maintenance = asyncio.create_task(self._maintain_partitions())
 
         self.producer = make_producer(s)
-        if (
-            await _until_up("broker", self.producer.start, self.stopping) is None
-            and self.stopping.is_set()
-        ):
-            return False
+        await _until_up("broker", self._start_producer, self.stopping)
         self.consumer = make_consumer(s)
         tracker = PartitionTracker(self.consumer)
         self.consumer.subscribe(list(s.topics), listener=tracker)
-        if (
-            await _until_up("broker", self.consumer.start, self.stopping) is None
-            and self.stopping.is_set()
-        ):
+        await _until_up("broker", self.consumer.start, self.stopping)
+        if self.stopping.is_set():
             return False
         self.pipeline = Pipeline(s, self.store, self.consumer, tracker, self.producer)
         log.info("consumer_started", group=s.group_id, topics=list(s.topics), member=member_name())
@@ -120,9 +114,22 @@ class Service:
             try:
                 await asyncio.wait_for(runner, timeout=30)
             except TimeoutError:
-                log.error("shutdown_timed_out", waited_seconds=30)
+                log.warning("shutdown_timed_out", waited_seconds=30)
             stopper.cancel()
         await self.stop()
+
+    async def _start_producer(self) -> None:
+        assert self.producer is not None  # noqa: S101 -- set just before
+        try:
+            await self.producer.start()
+        except UnknownError as exc:
+            await self.producer.stop()
+            if self.settings.kafka_idempotent_producer:
+                raise ConfigError(
+                    "the broker refused an idempotent producer (InitProducerId); for brokers "
+                    "without it set FLEET_KAFKA_IDEMPOTENT_PRODUCER=false"
+                ) from exc
+            raise
 
     async def stop(self) -> None:
         """Reverse order of start(); safe to call twice."""

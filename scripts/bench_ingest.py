@@ -60,9 +60,11 @@ async def _fresh_database(admin_dsn: str, name: str) -> str:
 def _run_consumer(env: dict[str, str], log_path: Path) -> tuple[int, float]:
     """Run the consumer until it idles out; returns (exit code, peak RSS in MB)."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(  # noqa: S603 -- our own module
+        proc = subprocess.Popen(
             [sys.executable, "-m", "consumer", "run", "--idle-timeout", "5"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -77,14 +79,18 @@ def _ingest_window(log_path: Path) -> tuple[int, float]:
             batches.append(json.loads(line))
     if not batches:
         raise SystemExit(f"the consumer committed nothing; see {log_path}")
+
     def at(entry: dict[str, Any]) -> float:
         return datetime.fromisoformat(entry["timestamp"]).timestamp()
+
     first = batches[0]
     start = at(first) - first["write_seconds"] - first["decode_seconds"]
     return sum(b["records"] for b in batches), at(batches[-1]) - start
 
 
-def _write_copy_files(fleet: Fleet, start: datetime, interval: timedelta, rounds: int) -> tuple[Path, Path]:
+def _write_copy_files(
+    fleet: Fleet, start: datetime, interval: timedelta, rounds: int
+) -> tuple[Path, Path]:
     meters, vehicles = WORK / "meters.csv", WORK / "vehicles.csv"
     with meters.open("w", newline="") as mf, vehicles.open("w", newline="") as vf:
         mw, vw = csv.writer(mf), csv.writer(vf)
@@ -92,7 +98,15 @@ def _write_copy_files(fleet: Fleet, start: datetime, interval: timedelta, rounds
             if "meterId" in r:
                 mw.writerow((r["meterId"], r["kwhConsumedAc"], r["voltage"], r["timestamp"]))
             else:
-                vw.writerow((r["vehicleId"], r["soc"], r["kwhDeliveredDc"], r["batteryTemp"], r["timestamp"]))
+                vw.writerow(
+                    (
+                        r["vehicleId"],
+                        r["soc"],
+                        r["kwhDeliveredDc"],
+                        r["batteryTemp"],
+                        r["timestamp"],
+                    )
+                )
     return meters, vehicles
 
 
@@ -102,21 +116,24 @@ def _psql_copy_seconds(dsn: str, meters: Path, vehicles: Path) -> float:
         raise SystemExit("psql is needed for the COPY ceiling")
     script = (
         f"\\copy meter_history (meter_id, kwh_consumed_ac, voltage, \"timestamp\") FROM '{meters}' CSV\n"
-        f"\\copy vehicle_history (vehicle_id, soc, kwh_delivered_dc, battery_temp, \"timestamp\") "
+        f'\\copy vehicle_history (vehicle_id, soc, kwh_delivered_dc, battery_temp, "timestamp") '
         f"FROM '{vehicles}' CSV\n"
     )
     began = time.perf_counter()
-    subprocess.run([psql, dsn, "-v", "ON_ERROR_STOP=1", "-q"], input=script.encode(), check=True)  # noqa: S603
+    subprocess.run([psql, dsn, "-v", "ON_ERROR_STOP=1", "-q"], input=script.encode(), check=True)
     return time.perf_counter() - began
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--meters", type=int, default=10_000)
     parser.add_argument("--vehicles", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--batch-max-records", type=int, default=5000)
+    parser.add_argument("--write-lanes", type=int, default=2)
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
 
@@ -125,22 +142,39 @@ async def main() -> None:
     if not bootstrap:
         broker = start_broker(WORK)
         bootstrap = broker.bootstrap_servers
-    admin_dsn = os.environ.get("FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin_dsn = os.environ.get(
+        "FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
     if not await postgres_reachable(admin_dsn):
         admin_dsn = start_embedded_postgres(WORK / "pgdata")
     try:
         suffix = datetime.now(UTC).strftime("%H%M%S")
-        topics = {"meter": f"bench-meter-{suffix}", "vehicle": f"bench-vehicle-{suffix}",
-                  "mixed": f"bench-fleet-{suffix}"}
+        topics = {
+            "meter": f"bench-meter-{suffix}",
+            "vehicle": f"bench-vehicle-{suffix}",
+            "mixed": f"bench-fleet-{suffix}",
+        }
         await ensure_topics(bootstrap, topics.values(), args.partitions)
         fleet = Fleet(args.meters, args.vehicles, seed=1)
         interval = timedelta(minutes=1)
         start = datetime.now(UTC).replace(microsecond=0) - args.rounds * interval
         began = time.perf_counter()
-        readings = await publish(bootstrap, fleet, start, interval, args.rounds, "mixed",
-                                 topics["meter"], topics["vehicle"], topics["mixed"], False)
+        readings = await publish(
+            bootstrap,
+            fleet,
+            start,
+            interval,
+            args.rounds,
+            "mixed",
+            topics["meter"],
+            topics["vehicle"],
+            topics["mixed"],
+            False,
+        )
         publish_s = time.perf_counter() - began
-        print(f"published {readings:,} readings in {publish_s:.1f} s ({readings / publish_s:,.0f}/s)")
+        print(
+            f"published {readings:,} readings in {publish_s:.1f} s ({readings / publish_s:,.0f}/s)"
+        )
 
         dsn = await _fresh_database(admin_dsn, "fleet_bench")
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")} | {
@@ -152,6 +186,7 @@ async def main() -> None:
             "FLEET_DLQ_TOPIC": f"bench-dlq-{suffix}",
             "FLEET_GROUP_ID": f"bench-{suffix}",
             "FLEET_BATCH_MAX_RECORDS": str(args.batch_max_records),
+            "FLEET_WRITE_LANES": str(args.write_lanes),
             "FLEET_KAFKA_IDEMPOTENT_PRODUCER": "false",
             "FLEET_SESSION_TIMEOUT_MS": "6000",
             "FLEET_HTTP_PORT": str(free_port()),
@@ -176,20 +211,29 @@ async def main() -> None:
 
         ingest_rate = records / ingest_s
         copy_rate = readings / copy_s
-        print(f"consumer: {records:,} records in {ingest_s:.2f} s = {ingest_rate:,.0f} readings/s "
-              f"(batches of {args.batch_max_records}, {args.partitions} partitions)")
+        print(
+            f"consumer: {records:,} records in {ingest_s:.2f} s = {ingest_rate:,.0f} readings/s "
+            f"(batches of {args.batch_max_records}, {args.write_lanes} write lanes, "
+            f"{args.partitions} partitions)"
+        )
         print(f"psql COPY ceiling: {readings:,} rows in {copy_s:.2f} s = {copy_rate:,.0f} rows/s")
-        print(f"ratio consumer/COPY: {ingest_rate / copy_rate:.2f}; consumer peak RSS {peak_rss_mb:.0f} MB")
+        print(
+            f"ratio consumer/COPY: {ingest_rate / copy_rate:.2f}; consumer peak RSS {peak_rss_mb:.0f} MB"
+        )
         print(f"machine: {os.cpu_count()} cores shared by broker, PostgreSQL and consumer")
-        print(json.dumps({
-            "readings": readings,
-            "ingest_readings_per_s": round(ingest_rate),
-            "copy_ceiling_rows_per_s": round(copy_rate),
-            "ratio": round(ingest_rate / copy_rate, 3),
-            "consumer_peak_rss_mb": round(peak_rss_mb, 1),
-            "ingest_seconds": round(ingest_s, 2),
-            "cores": os.cpu_count(),
-        }))
+        print(
+            json.dumps(
+                {
+                    "readings": readings,
+                    "ingest_readings_per_s": round(ingest_rate),
+                    "copy_ceiling_rows_per_s": round(copy_rate),
+                    "ratio": round(ingest_rate / copy_rate, 3),
+                    "consumer_peak_rss_mb": round(peak_rss_mb, 1),
+                    "ingest_seconds": round(ingest_s, 2),
+                    "cores": os.cpu_count(),
+                }
+            )
+        )
     finally:
         if broker is not None:
             broker.stop()

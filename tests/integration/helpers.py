@@ -11,8 +11,8 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from consumer.settings import Settings
 from consumer.service import Service
+from consumer.settings import Settings
 
 BASE_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
 
@@ -24,8 +24,13 @@ def meter(device: str, minute: int, kwh: float = 1.5, voltage: float = 230.0) ->
 
 def vehicle(device: str, minute: int, kwh: float = 1.2, soc: float = 50.0) -> dict[str, Any]:
     ts = (BASE_TIME + timedelta(minutes=minute)).isoformat()
-    return {"vehicleId": device, "soc": soc, "kwhDeliveredDc": kwh, "batteryTemp": 25.0,
-            "timestamp": ts}
+    return {
+        "vehicleId": device,
+        "soc": soc,
+        "kwhDeliveredDc": kwh,
+        "batteryTemp": 25.0,
+        "timestamp": ts,
+    }
 
 
 def encode(reading: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -38,12 +43,16 @@ def mixed_fleet(meters: int, vehicles: int, rounds: int) -> list[dict[str, Any]]
     out: list[dict[str, Any]] = []
     for r in range(rounds):
         out += [meter(f"m-{i}", r, kwh=round(0.1 * (i % 7) + 0.001 * r, 3)) for i in range(meters)]
-        out += [vehicle(f"v-{i}", r, kwh=round(0.2 * (i % 5) + 0.001 * r, 3), soc=float(r % 100))
-                for i in range(vehicles)]
+        out += [
+            vehicle(f"v-{i}", r, kwh=round(0.2 * (i % 5) + 0.001 * r, 3), soc=float(r % 100))
+            for i in range(vehicles)
+        ]
     return out
 
 
-async def publish(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]]) -> int:
+async def publish(
+    bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]]
+) -> int:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
@@ -69,8 +78,11 @@ def as_key(device: str, ts: datetime) -> tuple[str, str]:
 
 
 def expected_history(readings: Iterable[dict[str, Any]], id_field: str) -> set[tuple[str, str]]:
-    return {as_key(r[id_field], datetime.fromisoformat(r["timestamp"]))
-            for r in readings if id_field in r}
+    return {
+        as_key(r[id_field], datetime.fromisoformat(r["timestamp"]))
+        for r in readings
+        if id_field in r
+    }
 
 
 async def history_keys(db: asyncpg.Connection, table: str, id_col: str) -> list[tuple[str, str]]:
@@ -78,13 +90,17 @@ async def history_keys(db: asyncpg.Connection, table: str, id_col: str) -> list[
     return [as_key(r[0], r[1]) for r in rows]
 
 
-def newest_by_device(readings: Iterable[dict[str, Any]], id_field: str) -> dict[str, dict[str, Any]]:
+def newest_by_device(
+    readings: Iterable[dict[str, Any]], id_field: str
+) -> dict[str, dict[str, Any]]:
     newest: dict[str, dict[str, Any]] = {}
     for r in readings:
         if id_field not in r:
             continue
         held = newest.get(r[id_field])
-        if held is None or datetime.fromisoformat(r["timestamp"]) > datetime.fromisoformat(held["timestamp"]):
+        if held is None or datetime.fromisoformat(r["timestamp"]) > datetime.fromisoformat(
+            held["timestamp"]
+        ):
             newest[r[id_field]] = r
     return newest
 

@@ -27,10 +27,16 @@ BAD_INPUTS: list[tuple[bytes | None, str]] = [
     (b'{"meterId": "m-1", "x": "' + b"a" * 20_000 + b'"}', "payload_too_large"),
     (b'{"meterId": "m-\xff\xfe"}', "invalid_utf8"),
     (b'{"meterId": "m-1", ', "malformed_json"),
-    (b'{"meterId": "m-1", "meterId": "m-2", "kwhConsumedAc": 1, "voltage": 230, '
-     b'"timestamp": "2026-01-01T00:00:00Z"}', "duplicate_key"),
-    (b'{"meterId": "m-1", "kwhConsumedAc": NaN, "voltage": 230, '
-     b'"timestamp": "2026-01-01T00:00:00Z"}', "non_finite_number"),
+    (
+        b'{"meterId": "m-1", "meterId": "m-2", "kwhConsumedAc": 1, "voltage": 230, '
+        b'"timestamp": "2026-01-01T00:00:00Z"}',
+        "duplicate_key",
+    ),
+    (
+        b'{"meterId": "m-1", "kwhConsumedAc": NaN, "voltage": 230, '
+        b'"timestamp": "2026-01-01T00:00:00Z"}',
+        "non_finite_number",
+    ),
     (_with(GOOD_M, kwhConsumedAc=float("inf")), "non_finite_number"),
     (b"[1, 2, 3]", "not_an_object"),
     (b"null", "not_an_object"),
@@ -93,8 +99,10 @@ async def test_rejects_are_published_to_the_dead_letter_topic_with_their_reason(
     await consume_until_idle(settings)
 
     tail = AIOKafkaConsumer(
-        settings.dlq_topic, bootstrap_servers=settings.kafka_bootstrap_servers,
-        auto_offset_reset="earliest", enable_auto_commit=False,
+        settings.dlq_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
     )
     await tail.start()
     try:

@@ -7,8 +7,8 @@ import random
 import aiohttp
 import asyncpg
 
-from consumer.settings import Settings
 from consumer.service import Service
+from consumer.settings import Settings
 from tests.integration.helpers import (
     consume_until_idle,
     dec,
@@ -55,10 +55,14 @@ async def test_dedicated_topics_are_consumed_by_the_same_group(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     """Meter and vehicle topics land in their own tables alongside the mixed topic."""
-    await publish_readings(settings.kafka_bootstrap_servers, settings.meter_topic,
-                           [meter("m-1", i) for i in range(5)])
-    await publish_readings(settings.kafka_bootstrap_servers, settings.vehicle_topic,
-                           [vehicle("v-1", i) for i in range(5)])
+    await publish_readings(
+        settings.kafka_bootstrap_servers, settings.meter_topic, [meter("m-1", i) for i in range(5)]
+    )
+    await publish_readings(
+        settings.kafka_bootstrap_servers,
+        settings.vehicle_topic,
+        [vehicle("v-1", i) for i in range(5)],
+    )
     await consume_until_idle(settings)
     assert await db.fetchval("SELECT count(*) FROM meter_history") == 5
     assert await db.fetchval("SELECT count(*) FROM vehicle_history") == 5
@@ -71,10 +75,14 @@ async def test_resent_reading_does_not_double_energy(
     first = [meter("m-1", 0, kwh=2.0), meter("m-1", 1, kwh=3.0), meter("m-1", 1, kwh=3.0)]
     await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, first)
     await consume_until_idle(settings)
-    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0, kwh=2.0)])
+    await publish_readings(
+        settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0, kwh=2.0)]
+    )
     await consume_until_idle(settings)
 
-    total = await db.fetchval("SELECT sum(kwh_consumed_ac) FROM meter_history WHERE meter_id = 'm-1'")
+    total = await db.fetchval(
+        "SELECT sum(kwh_consumed_ac) FROM meter_history WHERE meter_id = 'm-1'"
+    )
     assert total == dec(5.0)
     assert await db.fetchval("SELECT count(*) FROM meter_history") == 2
 
@@ -83,11 +91,13 @@ async def test_older_reading_arriving_late_leaves_live_unchanged(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     """Newest wins: a late reading with an older timestamp is kept in history but not in live."""
-    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic,
-                           [vehicle("v-1", 10, soc=80.0)])
+    await publish_readings(
+        settings.kafka_bootstrap_servers, settings.mixed_topic, [vehicle("v-1", 10, soc=80.0)]
+    )
     await consume_until_idle(settings)
-    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic,
-                           [vehicle("v-1", 5, soc=40.0)])
+    await publish_readings(
+        settings.kafka_bootstrap_servers, settings.mixed_topic, [vehicle("v-1", 5, soc=40.0)]
+    )
     await consume_until_idle(settings)
 
     live = await db.fetchrow("SELECT soc, \"timestamp\" FROM vehicle_live WHERE vehicle_id = 'v-1'")
@@ -98,8 +108,9 @@ async def test_older_reading_arriving_late_leaves_live_unchanged(
 
 async def test_metrics_and_health_are_served_while_consuming(settings: Settings) -> None:
     """/metrics shows stored readings by stream; /healthz and /readyz answer JSON."""
-    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic,
-                           [meter("m-1", 0), vehicle("v-1", 0)])
+    await publish_readings(
+        settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0), vehicle("v-1", 0)]
+    )
     service = Service(settings)
     assert await service.start()
     assert service.pipeline is not None

@@ -164,12 +164,17 @@ async def test_a_member_that_lost_its_partitions_cannot_commit_a_stale_batch(
 
         class Msg:
             topic, partition, key = settings.mixed_topic, 0, b"m-1"
+
             def __init__(self, offset: int, value: bytes) -> None:
                 self.offset, self.value = offset, value
 
         _, value = encode(mixed_fleet(1, 0, 1)[0])
-        batch = build_batch([Msg(0, value), Msg(1, b"junk")], {settings.mixed_topic: None},
-                            now=datetime.now(UTC), limits=Limits())
+        batch = build_batch(
+            [Msg(0, value), Msg(1, b"junk")],
+            {settings.mixed_topic: None},
+            now=datetime.now(UTC),
+            limits=Limits(),
+        )
         with pytest.raises(Fenced):
             await zombie.write(batch, zombie_claims)
         assert await history_count(db) == 0
@@ -190,10 +195,12 @@ async def _at_least(db: asyncpg.Connection, n: int) -> bool:
 
 
 async def _owner_committed(db: asyncpg.Connection, member: ConsumerProcess) -> bool:
-    return bool(await db.fetchval(
-        "SELECT count(*) FROM consumer_offsets WHERE owner LIKE '%' || $1 AND next_offset IS NOT NULL",
-        member.member,
-    ))
+    return bool(
+        await db.fetchval(
+            "SELECT count(*) FROM consumer_offsets WHERE owner LIKE '%' || $1 AND next_offset IS NOT NULL",
+            member.member,
+        )
+    )
 
 
 async def _offsets_at(db: asyncpg.Connection, settings: Settings, n: int) -> bool:

@@ -21,7 +21,9 @@ async def test_migrate_twice_and_concurrently_applies_each_file_once(database: s
     assert again == [[], [], []]
     conn = await asyncpg.connect(database)
     try:
-        names = [r[0] for r in await conn.fetch("SELECT filename FROM schema_migrations ORDER BY 1")]
+        names = [
+            r[0] for r in await conn.fetch("SELECT filename FROM schema_migrations ORDER BY 1")
+        ]
     finally:
         await conn.close()
     assert names == [p.name for p in migration_files()]
@@ -54,7 +56,7 @@ async def test_reading_outside_prepared_months_is_kept_and_moved_when_its_month_
 ) -> None:
     """An old reading lands in the default partition, then in its own month once prepared."""
     await db.execute(
-        "INSERT INTO meter_history (meter_id, kwh_consumed_ac, voltage, \"timestamp\") "
+        'INSERT INTO meter_history (meter_id, kwh_consumed_ac, voltage, "timestamp") '
         "VALUES ('m-1', 1, 230, '2019-03-05T10:00:00Z')"
     )
     where = "SELECT tableoid::regclass::text FROM meter_history WHERE meter_id = 'm-1'"
@@ -83,9 +85,11 @@ async def test_check_constraints_refuse_out_of_range_values(
     row = {"soc": 50, "battery_temp": 20, "kwh_delivered_dc": 1} | {column: value}
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute(
-            "INSERT INTO vehicle_live (vehicle_id, soc, kwh_delivered_dc, battery_temp, \"timestamp\") "
+            'INSERT INTO vehicle_live (vehicle_id, soc, kwh_delivered_dc, battery_temp, "timestamp") '
             "VALUES ('v-1', $1, $2, $3, now())",
-            row["soc"], row["kwh_delivered_dc"], row["battery_temp"],
+            row["soc"],
+            row["kwh_delivered_dc"],
+            row["battery_temp"],
         )
 
 

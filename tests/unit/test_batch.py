@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-
 from consumer.batch import Batch, DeadLetter, OffsetRange, build_batch
 from consumer.decode import Limits, Reason
 from consumer.models import MeterReading, Stream, VehicleReading

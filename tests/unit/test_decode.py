@@ -20,8 +20,8 @@ from consumer.decode import (
     Limits,
     Reason,
     Rejection,
-    decode_fast,
     decode,
+    decode_fast,
     parse_json_object,
     validate_reading,
 )
@@ -716,7 +716,11 @@ def test_fast_path_accepts_only_what_the_reference_path_accepts(
 @given(
     kwh=st.floats(min_value=0, max_value=MAX_KWH) | st.integers(0, 9_999_999),
     voltage=st.floats(min_value=0, max_value=100_000) | st.integers(0, 100_000),
-    ts=st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2024, 6, 1), timezones=MINUTE_OFFSETS | st.just(UTC)),
+    ts=st.datetimes(
+        min_value=datetime(1970, 1, 2),
+        max_value=datetime(2024, 6, 1),
+        timezones=MINUTE_OFFSETS | st.just(UTC),
+    ),
     device=st.text(
         alphabet=st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1, max_size=128
     ),
@@ -740,7 +744,11 @@ def test_any_in_range_meter_reading_round_trips(
     soc=st.floats(min_value=0, max_value=100) | st.integers(0, 100),
     kwh=st.floats(min_value=0, max_value=MAX_KWH) | st.integers(0, 9_999_999),
     temp=st.floats(min_value=-50, max_value=150) | st.integers(-50, 150),
-    ts=st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2024, 6, 1), timezones=MINUTE_OFFSETS | st.just(UTC)),
+    ts=st.datetimes(
+        min_value=datetime(1970, 1, 2),
+        max_value=datetime(2024, 6, 1),
+        timezones=MINUTE_OFFSETS | st.just(UTC),
+    ),
 )
 def test_any_in_range_vehicle_reading_round_trips(
     soc: float, kwh: float, temp: float, ts: datetime

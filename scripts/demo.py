@@ -1,0 +1,231 @@
+"""`make demo`: the whole pipeline on this machine, with a small simulated fleet.
+
+Uses FLEET_KAFKA_BOOTSTRAP_SERVERS / FLEET_DATABASE_URL when set; otherwise
+starts a local Kafka-protocol broker (tansu) and a local PostgreSQL (pgserver)
+under .demo/. Then: migrate, run the consumer, publish two hours of readings of
+200 meters and 200 vehicles (plus a few malformed messages), show what landed,
+and keep running until Ctrl-C so you can look around.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from consumer.devstack import Broker, free_port, start_broker, wait_for_port
+from consumer.kafka import ensure_topics
+from consumer.migrate import migrate
+from consumer.settings import Settings
+from producer_sim.__main__ import publish
+from producer_sim.fleet import Fleet
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ROOT / ".demo"
+METERS = VEHICLES = 200
+ROUNDS = 120  # two hours at one reading per minute
+MALFORMED = [b"{not json", b'{"meterId": "meter-00001", "kwhConsumedAc": -1}', b"\xff\xfe"]
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def _database_url(embedded: object) -> str:
+    uri: str = embedded.get_uri()  # type: ignore[attr-defined]
+    return urlunsplit(urlsplit(uri)._replace(path="/fleet"))
+
+
+async def _wait_for_rows(dsn: str, expected: int, timeout: float = 120) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            stored = await conn.fetchval(
+                "SELECT (SELECT count(*) FROM meter_history) + (SELECT count(*) FROM vehicle_history)"
+                " + (SELECT count(*) FROM dead_letters)"
+            )
+            if stored >= expected or time.monotonic() > deadline:
+                return int(stored)
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
+async def _report(dsn: str, fleet: Fleet) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        # Tell the database which charger each simulated vehicle uses (the
+        # sidecar's assignment API will do this; here it is plain SQL).
+        await conn.executemany(
+            "INSERT INTO vehicle_meter_assignments (vehicle_id, meter_id, valid_from) "
+            "VALUES ($1, $2, now() - interval '30 days') ON CONFLICT DO NOTHING",
+            list(fleet.charger.items()),
+        )
+        counts = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM meter_history) AS meter_rows,"
+            " (SELECT count(*) FROM vehicle_history) AS vehicle_rows,"
+            " (SELECT count(*) FROM meter_live) AS meters_live,"
+            " (SELECT count(*) FROM vehicle_live) AS vehicles_live"
+        )
+        print(
+            f"history: {counts['meter_rows']:,} meter and {counts['vehicle_rows']:,} vehicle "
+            f"readings; live: {counts['meters_live']} meters, {counts['vehicles_live']} vehicles"
+        )
+        for row in await conn.fetch(
+            "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason"
+        ):
+            print(f"dead letter: {row['reason']} x{row['count']}")
+        live = await conn.fetchrow("SELECT * FROM vehicle_live ORDER BY vehicle_id LIMIT 1")
+        print(
+            f"live {live['vehicle_id']}: soc {live['soc']}% battery {live['battery_temp']} C "
+            f"at {live['timestamp']:%H:%M:%S} (stored {live['updated_at']:%H:%M:%S})"
+        )
+        rows = await conn.fetch(
+            """
+            SELECT a.vehicle_id, a.meter_id,
+                   round(v.dc / nullif(m.ac, 0), 4) AS ratio, v.dc, m.ac
+              FROM vehicle_meter_assignments a
+              CROSS JOIN LATERAL (SELECT sum(kwh_delivered_dc) AS dc FROM vehicle_history
+                                   WHERE vehicle_id = a.vehicle_id
+                                     AND "timestamp" > now() - interval '24 hours') v
+              CROSS JOIN LATERAL (SELECT sum(kwh_consumed_ac) AS ac FROM meter_history
+                                   WHERE meter_id = a.meter_id
+                                     AND "timestamp" > now() - interval '24 hours') m
+             WHERE v.dc > 1
+             ORDER BY ratio LIMIT 5
+            """
+        )
+        print("charging efficiency, last 24 h, worst first (DC delivered / AC consumed):")
+        for r in rows:
+            print(
+                f"  {r['vehicle_id']} at {r['meter_id']}: {r['ratio']} "
+                f"({r['dc']} kWh DC / {r['ac']} kWh AC; simulated charger "
+                f"{fleet.efficiency[r['meter_id']]:.3f})"
+            )
+    finally:
+        await conn.close()
+
+
+async def main(seconds: float | None) -> int:
+    STATE.mkdir(exist_ok=True)
+    broker: Broker | None = None
+    embedded_pg = None
+    consumer: subprocess.Popen[bytes] | None = None
+    bootstrap = os.environ.get("FLEET_KAFKA_BOOTSTRAP_SERVERS")
+    dsn = os.environ.get("FLEET_DATABASE_URL")
+    try:
+        if not bootstrap:
+            say("starting a local Kafka-protocol broker (tansu, in memory)")
+            broker = start_broker(STATE)
+            bootstrap = broker.bootstrap_servers
+        if not dsn:
+            say("starting a local PostgreSQL (pgserver) in .demo/pgdata")
+            warnings.filterwarnings("ignore", module="platformdirs")  # XDG_RUNTIME_DIR unset
+            import pgserver  # noqa: PLC0415 -- dev extra
+
+            embedded_pg = pgserver.get_server(str(STATE / "pgdata"), cleanup_mode="stop")
+            dsn = _database_url(embedded_pg)
+        os.environ |= {"FLEET_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FLEET_DATABASE_URL": dsn}
+        if broker is not None:
+            os.environ["FLEET_KAFKA_IDEMPOTENT_PRODUCER"] = "false"  # tansu lacks InitProducerId
+        os.environ.setdefault("FLEET_HTTP_PORT", str(8080 if _port_free(8080) else free_port()))
+        settings = Settings()
+
+        say("migrating the database")
+        print("applied:", await migrate(dsn) or "nothing new")
+        await ensure_topics(bootstrap, [*settings.topics, settings.dlq_topic], partitions=4)
+
+        say("starting the consumer (python -m consumer run); its log is .demo/consumer.log")
+        log = (STATE / "consumer.log").open("wb")
+        consumer = subprocess.Popen(
+            [sys.executable, "-m", "consumer", "run"], stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_for_port(settings.http_port, timeout=30)
+
+        fleet = Fleet(METERS, VEHICLES, seed=1)
+        interval = timedelta(minutes=1)
+        start = datetime.now(UTC).replace(microsecond=0) - ROUNDS * interval
+        say(f"publishing {ROUNDS} minutes of readings from {METERS} meters and {VEHICLES} vehicles")
+        published = await publish(
+            bootstrap,
+            fleet,
+            start,
+            interval,
+            ROUNDS,
+            "mixed",
+            settings.meter_topic,
+            settings.vehicle_topic,
+            settings.mixed_topic,
+            settings.kafka_idempotent_producer,
+        )
+        await _publish_malformed(bootstrap, settings.mixed_topic)
+        print(f"published {published:,} readings and {len(MALFORMED)} malformed messages")
+
+        say("waiting for the consumer to store them")
+        stored = await _wait_for_rows(dsn, published + len(MALFORMED))
+        print(f"stored {stored:,} of {published + len(MALFORMED):,} messages")
+        await _report(dsn, fleet)
+
+        port = settings.http_port
+        say("where to look")
+        print(f"  metrics:   curl -s localhost:{port}/metrics | grep ^fleet_")
+        print(f"  readiness: curl -s localhost:{port}/readyz")
+        print(f"  database:  psql '{dsn}' -c 'SELECT * FROM vehicle_live LIMIT 5'")
+        print(f"  consumer:  tail -f {STATE / 'consumer.log'}")
+        if seconds is None:
+            print("\nRunning; press Ctrl-C to stop.")
+        await _wait_for_interrupt(seconds)
+        return 0
+    finally:
+        if consumer is not None:
+            consumer.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                consumer.wait(timeout=30)
+        if broker is not None:
+            broker.stop()
+        if embedded_pg is not None:
+            embedded_pg.cleanup()
+
+
+async def _publish_malformed(bootstrap: str, topic: str) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in MALFORMED:
+            await producer.send_and_wait(topic, value, key=b"demo")
+    finally:
+        await producer.stop()
+
+
+async def _wait_for_interrupt(seconds: float | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
+    sys.exit(asyncio.run(main(parser.parse_args().seconds)))
