@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"  # noqa: S104 -- a service port, bound on purpose
     http_port: int = Field(default=8080, ge=0, le=65535)
 
+    # --- analytics API (sidecar): read side ---
+
+    # --- HTTP ingestion and security ---
+
     log_level: str = "INFO"
     log_json: bool | None = None  # None: JSON unless stdout is a terminal
 

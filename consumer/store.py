@@ -135,7 +135,6 @@ class Store:
             server_settings={
                 "application_name": f"fleet-consumer {owner}"[:63],
                 "idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms),
-                "synchronous_commit": "off",
             },
         )
         return cls(pool, group_id, owner)

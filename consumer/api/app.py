@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from consumer.api.deps import DEPS, ApiDeps
+from consumer.api.errors import ApiError, error_body
 
 log = structlog.get_logger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[None]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CHECK_TIMEOUT_S = 2.0
 
 
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
-
-
 @web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error is JSON with a stable code; never a stack trace."""
     try:
         return await handler(request)
+    except ApiError as exc:
+        return web.json_response(error_body(exc.code, exc.message), status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -39,9 +40,18 @@ async def json_errors(
 
 
 def make_app(
-    checks: Mapping[str, ReadinessCheck], before_scrape: Callable[[], None] | None = None
+    checks: Mapping[str, ReadinessCheck],
+    before_scrape: Callable[[], None] | None = None,
+    *,
+    deps: ApiDeps | None = None,
+    routes: Sequence[web.AbstractRouteDef] = (),
+    middlewares: Sequence[Middleware] = (),
 ) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    """The operations endpoints, plus the API's routes and middlewares when given."""
+    app = web.Application(middlewares=[json_errors, *middlewares])
+    if deps is not None:
+        app[DEPS] = deps
+    app.router.add_routes(routes)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
