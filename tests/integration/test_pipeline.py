@@ -132,3 +132,28 @@ async def test_metrics_and_health_are_served_while_consuming(settings: Settings)
     assert ready == (200, {"status": "ready", "checks": {"database": "ok", "broker": "ok"}})
     assert missing[0] == 404
     assert missing[1]["error"]["code"] == "not_found"
+
+
+async def test_reading_the_database_refuses_is_dead_lettered_alone(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A reading that passes validation but not the database (here: an operator's extra rule)
+    becomes a database_rejected dead letter with its source; the rest of its batch lands."""
+    await db.execute(
+        "ALTER TABLE meter_history ADD CONSTRAINT no_banned CHECK (meter_id <> 'banned')"
+    )
+    readings = [meter("m-1", 0), meter("banned", 0), vehicle("v-1", 0), meter("m-1", 1)]
+    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, readings)
+
+    await consume_until_idle(settings)
+
+    assert await db.fetchval("SELECT count(*) FROM meter_history") == 2
+    assert await db.fetchval("SELECT count(*) FROM vehicle_history") == 1
+    letter = await db.fetchrow("SELECT * FROM dead_letters")
+    assert letter["reason"] == "database_rejected"
+    assert letter["topic"] == settings.mixed_topic
+    assert b'"banned"' in letter["payload"]
+    assert "no_banned" in letter["detail"]
+    assert await db.fetchval("SELECT count(*) FROM meter_live WHERE meter_id = 'banned'") == 0
+    stored = await db.fetchval("SELECT sum(next_offset) FROM consumer_offsets")
+    assert stored == len(readings)
