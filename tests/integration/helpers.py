@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -71,6 +73,29 @@ async def publish_readings(bootstrap: str, topic: str, readings: Sequence[dict[s
 async def consume_until_idle(settings: Settings, idle_timeout: float = 2.0) -> None:
     """Run the real service loop in-process until no record arrived for idle_timeout seconds."""
     await Service(settings).run(idle_timeout=idle_timeout)
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[Service]:
+    """The real service loop in-process, for tests that publish while it consumes."""
+    service = Service(settings)
+    assert await service.start()
+    assert service.pipeline is not None
+    runner = asyncio.create_task(service.pipeline.run())
+    try:
+        yield service
+    finally:
+        service.pipeline.stop()
+        await runner
+        await service.stop()
+
+
+async def stored_offsets(db: asyncpg.Connection, topic: str) -> int:
+    return int(
+        await db.fetchval(
+            "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets WHERE topic = $1", topic
+        )
+    )
 
 
 def as_key(device: str, ts: datetime) -> tuple[str, str]:

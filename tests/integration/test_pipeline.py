@@ -9,6 +9,7 @@ import asyncpg
 
 from consumer.service import Service
 from consumer.settings import Settings
+from tests.conftest import wait_until
 from tests.integration.helpers import (
     consume_until_idle,
     dec,
@@ -18,6 +19,8 @@ from tests.integration.helpers import (
     mixed_fleet,
     newest_by_device,
     publish_readings,
+    running_service,
+    stored_offsets,
     vehicle,
 )
 
@@ -73,12 +76,13 @@ async def test_resent_reading_does_not_double_energy(
 ) -> None:
     """A device re-sending a reading (same timestamp), in the same or a later batch, is stored once."""
     first = [meter("m-1", 0, kwh=2.0), meter("m-1", 1, kwh=3.0), meter("m-1", 1, kwh=3.0)]
-    await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, first)
-    await consume_until_idle(settings)
-    await publish_readings(
-        settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0, kwh=2.0)]
-    )
-    await consume_until_idle(settings)
+    async with running_service(settings):
+        await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, first)
+        await wait_until(lambda: _offsets_reach(db, settings.mixed_topic, 3))
+        await publish_readings(
+            settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0, kwh=2.0)]
+        )
+        await wait_until(lambda: _offsets_reach(db, settings.mixed_topic, 4))
 
     total = await db.fetchval(
         "SELECT sum(kwh_consumed_ac) FROM meter_history WHERE meter_id = 'm-1'"
@@ -91,19 +95,24 @@ async def test_older_reading_arriving_late_leaves_live_unchanged(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     """Newest wins: a late reading with an older timestamp is kept in history but not in live."""
-    await publish_readings(
-        settings.kafka_bootstrap_servers, settings.mixed_topic, [vehicle("v-1", 10, soc=80.0)]
-    )
-    await consume_until_idle(settings)
-    await publish_readings(
-        settings.kafka_bootstrap_servers, settings.mixed_topic, [vehicle("v-1", 5, soc=40.0)]
-    )
-    await consume_until_idle(settings)
+    async with running_service(settings):
+        await publish_readings(
+            settings.kafka_bootstrap_servers, settings.mixed_topic, [vehicle("v-1", 10, soc=80.0)]
+        )
+        await wait_until(lambda: _offsets_reach(db, settings.mixed_topic, 1))
+        await publish_readings(
+            settings.kafka_bootstrap_servers, settings.mixed_topic, [vehicle("v-1", 5, soc=40.0)]
+        )
+        await wait_until(lambda: _offsets_reach(db, settings.mixed_topic, 2))
 
     live = await db.fetchrow("SELECT soc, \"timestamp\" FROM vehicle_live WHERE vehicle_id = 'v-1'")
     assert live["soc"] == 80
     assert live["timestamp"].isoformat() == vehicle("v-1", 10)["timestamp"]
     assert await db.fetchval("SELECT count(*) FROM vehicle_history") == 2
+
+
+async def _offsets_reach(db: asyncpg.Connection, topic: str, n: int) -> bool:
+    return await stored_offsets(db, topic) >= n
 
 
 async def test_metrics_and_health_are_served_while_consuming(settings: Settings) -> None:
