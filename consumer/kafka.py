@@ -31,7 +31,8 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         group_id=settings.group_id,
         client_id=f"fleet-consumer-{member_name()}",
         enable_auto_commit=False,  # offsets are stored in PostgreSQL with the data
-        auto_offset_reset="earliest",
+        # Positions always come from PostgreSQL; an out-of-range one must surface, not reset.
+        auto_offset_reset="none",
         isolation_level="read_committed",
         fetch_max_bytes=settings.fetch_max_bytes,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,

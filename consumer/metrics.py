@@ -43,6 +43,13 @@ FENCED_BATCHES = Counter(
     "fleet_fenced_batches_total",
     "Batches rolled back because another group member owns one of their partitions.",
 )
+OFFSET_RESETS = Counter(
+    "fleet_offset_resets_total",
+    "Partitions whose stored offset was outside the broker's log (data lost on the broker, "
+    "topic recreated, or retention deleted unconsumed records); consumption resumed from the "
+    "log start. Alert on any increase.",
+    ["topic"],
+)
 DLQ_PUBLISH_FAILURES = Counter(
     "fleet_dlq_publish_failures_total",
     "Dead letters stored in PostgreSQL but not published to the dead-letter topic.",
@@ -51,4 +58,16 @@ DB_POOL_CONNECTIONS = Gauge(
     "fleet_db_pool_connections",
     "Database pool connections by state (in_use, idle, max).",
     ["state"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "fleet_http_request_duration_seconds",
+    "HTTP requests by route template (never the raw path), method and status.",
+    ["route", "method", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+HTTP_INGEST_ITEMS = Counter(
+    "fleet_http_ingest_items_total",
+    "Readings posted to the ingestion endpoint: accepted (acknowledged by the broker) "
+    "or rejected (failed validation, reported back to the caller).",
+    ["outcome"],
 )

@@ -17,13 +17,13 @@ import asyncio
 import functools
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import OffsetAndMetadata
 
 from consumer import metrics
@@ -70,6 +70,8 @@ class Pipeline:
         self._kafka_offsets: dict[TopicPartition, int] = {}
         self._stored_next: dict[tuple[str, int], int] = {}
         self._failing_writers = 0  # database calls currently retrying
+        self._lanes: list[asyncio.Task[None] | None] = [None] * settings.write_lanes
+        self._out_of_range: set[TopicPartition] = set()
         self._topic_index = {topic: i for i, topic in enumerate(self.stream_of_topic)}
 
     def stop(self) -> None:
@@ -85,12 +87,13 @@ class Pipeline:
         while the loop polls and decodes the next records.
         """
         idle_since = time.monotonic()
-        lanes: list[asyncio.Task[None] | None] = [None] * self.settings.write_lanes
+        lanes = self._lanes
         try:
             while not self._stop.is_set():
                 if max_batches is not None and self.batches_committed >= max_batches:
                     break
                 await self._claim_pending()
+                await self._recover_out_of_range()
                 polling = time.perf_counter()
                 messages = await self._poll()
                 if not messages:
@@ -157,9 +160,19 @@ class Pipeline:
             remaining_ms = int((deadline - loop.time()) * 1000)
             if remaining_ms <= 0:
                 break
-            fetched = await self.consumer.getmany(
-                timeout_ms=remaining_ms, max_records=max_records - len(messages)
-            )
+            try:
+                fetched = await self.consumer.getmany(
+                    timeout_ms=remaining_ms, max_records=max_records - len(messages)
+                )
+            except OffsetOutOfRangeError as exc:
+                self._out_of_range.update(exc.args[0] if exc.args else {})
+                break
+            except NoOffsetForPartitionError as exc:
+                # The client looked for a position before our claim set one (it never uses
+                # Kafka's committed offsets): claim, which seeks to the stored offset.
+                lost = [tp for tp in exc.args if isinstance(tp, TopicPartition)]
+                self._reclaim_partitions((tp.topic, tp.partition) for tp in lost)
+                break
             for records in fetched.values():
                 messages.extend(records)
             if self.tracker.pending:
@@ -178,7 +191,7 @@ class Pipeline:
         except Fenced as exc:
             metrics.FENCED_BATCHES.inc()
             log.warning("batch_fenced", partitions=exc.partitions, records=len(batch))
-            self._reclaim(batch)
+            self._reclaim_partitions(batch.offsets)
             return
         if result is None:  # stopping while the database is down: the next owner re-reads it
             return
@@ -229,10 +242,57 @@ class Pipeline:
                 self.consumer.resume(tp)
             log.info("partitions_claimed", partitions=[f"{t}-{p}" for t, p in claims])
 
-    def _reclaim(self, batch: Batch) -> None:
-        """After a fenced batch: re-claim what is still ours; reading restarts at stored offsets."""
+    async def _recover_out_of_range(self) -> None:
+        """Stored offsets outside the log (broker data lost, topic recreated, or retention
+        deleted what was not consumed yet): alert, and resume from the log start rather than
+        stall. Real Kafka reports it as OffsetOutOfRange; brokers that answer an empty fetch
+        instead give themselves away by a high watermark below the stored offset."""
+        suspects = set(self._out_of_range)
+        self._out_of_range.clear()
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            stored = self._stored_next.get((tp.topic, tp.partition))
+            if highwater is not None and stored is not None and stored > highwater:
+                suspects.add(tp)
+        suspects &= self.consumer.assignment()
+        if not suspects:
+            return
+        for task in self._lanes:  # nothing in flight may advance an offset we are resetting
+            if task is not None:
+                await self._finish(task)
+        starts = await self.consumer.beginning_offsets(list(suspects))
+        for tp in sorted(suspects):
+            key = (tp.topic, tp.partition)
+            claim = self.tracker.claims.get(key)
+            if claim is None:
+                continue  # not claimed yet: the claim seeks afresh
+            stored, start = self._stored_next.get(key), starts[tp]
+            log.error(
+                "offsets_out_of_range",
+                topic=tp.topic,
+                partition=tp.partition,
+                stored_offset=stored,
+                log_start=start,
+                log_end=self.consumer.highwater(tp),
+                action="resuming from the log start",
+            )
+            metrics.OFFSET_RESETS.labels(tp.topic).inc()
+            reset = await self._with_sink_retry(
+                functools.partial(self.store.reset_offset, key, claim, start),
+                wait=self._idle_in_group,
+            )
+            if reset is None:
+                return  # stopping
+            if not reset:  # another member owns it now
+                self._reclaim_partitions([key])
+                continue
+            self.consumer.seek(tp, start)
+            self._stored_next[key] = start
+
+    def _reclaim_partitions(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """Forget our claims; what is still assigned is re-claimed and re-read from stored offsets."""
         assigned = self.consumer.assignment()
-        for topic, partition in batch.offsets:
+        for topic, partition in partitions:
             tp = TopicPartition(topic, partition)
             self.tracker.claims.pop((topic, partition), None)
             if tp in assigned:

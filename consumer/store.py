@@ -169,6 +169,21 @@ class Store:
             )
         return {(r["topic"], r["partition"]): Claim(r["next_offset"], r["fence"]) for r in rows}
 
+    async def reset_offset(self, tp: TopicPartition, claim: Claim, next_offset: int) -> bool:
+        """Move a claimed partition's stored offset (the log it pointed into is gone);
+        False when another member has claimed it since."""
+        async with self.pool.acquire() as conn:
+            status: str = await conn.execute(
+                "UPDATE consumer_offsets SET next_offset = $4, updated_at = now() "
+                'WHERE group_id = $1 AND topic = $2 AND "partition" = $3 AND fence = $5',
+                self.group_id,
+                tp[0],
+                tp[1],
+                next_offset,
+                claim.fence,
+            )
+        return status == "UPDATE 1"
+
     async def write(self, batch: Batch, claims: dict[TopicPartition, Claim]) -> WriteResult:
         """Write one batch in one transaction (see the module docstring)."""
         offsets = self._offset_columns(batch.offsets, claims)

@@ -8,22 +8,26 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from consumer.batch import build_batch
 from consumer.decode import Limits
+from consumer.devstack import start_broker
 from consumer.errors import Fenced
+from consumer.kafka import ensure_topics
 from consumer.models import Stream
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.store import Store
-from tests.conftest import wait_until
+from tests.conftest import ARTIFACTS, wait_until
 from tests.integration.helpers import (
     encode,
     expected_history,
     history_keys,
     mixed_fleet,
     publish,
+    running_service,
 )
 from tests.integration.processes import ConsumerProcess, TcpProxy
 
@@ -208,3 +212,30 @@ async def _offsets_at(db: asyncpg.Connection, settings: Settings, n: int) -> boo
         "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1", settings.mixed_topic
     )
     return stored == n
+
+
+async def test_a_broker_that_lost_its_log_is_noticed_and_consumption_resumes(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """The broker restarts empty (topics recreated, offsets start over): the consumer alerts
+    with a log line and a metric, and stores the new records instead of waiting for ever."""
+    broker = start_broker(ARTIFACTS)  # this test's own broker, to restart
+    bootstrap = broker.bootstrap_servers
+    settings = settings.model_copy(update={"kafka_bootstrap_servers": bootstrap})
+    topics = [*settings.topics, settings.dlq_topic]
+    before, after = mixed_fleet(10, 10, 5), mixed_fleet(10, 10, 8)[-60:]  # later minutes
+    try:
+        await ensure_topics(bootstrap, topics, partitions=4)
+        await publish(bootstrap, settings.mixed_topic, [encode(r) for r in before])
+        async with running_service(settings):
+            await wait_until(lambda: _offsets_at(db, settings, len(before)))
+            broker.stop()
+            broker.start()  # same port, nothing kept
+            await ensure_topics(bootstrap, topics, partitions=4)
+            await publish(bootstrap, settings.mixed_topic, [encode(r) for r in after])
+            await wait_until(lambda: _offsets_at(db, settings, len(after)), timeout=90)
+    finally:
+        broker.stop()
+    assert await history_count(db) == len(before) + len(after)
+    resets = REGISTRY.get_sample_value("fleet_offset_resets_total", {"topic": settings.mixed_topic})
+    assert resets is not None and resets >= 1
