@@ -29,8 +29,9 @@ lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff format --check consumer producer_sim tests scripts
 	$(BIN)/mypy
 
-bench: $(STAMP) ## end-to-end ingest benchmark (prints numbers; see BENCHMARKS.md)
+bench: $(STAMP) ## ingest and API benchmarks (print numbers; see BENCHMARKS.md)
 	$(BIN)/python scripts/bench_ingest.py
+	$(BIN)/python scripts/bench_api.py
 
 up: ## run the stack with docker compose (needs a Docker engine)
 	docker compose up -d

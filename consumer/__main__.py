@@ -11,7 +11,7 @@ import structlog
 from consumer.errors import ConfigError
 from consumer.log import configure_logging
 from consumer.migrate import migrate
-from consumer.service import Service
+from consumer.service import Role, Service
 from consumer.settings import Settings
 
 
@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply sql/ to FLEET_DATABASE_URL (idempotent)")
     run = commands.add_parser("run", help="run the consumer group and the HTTP sidecar")
+    run.add_argument(
+        "--role",
+        choices=[r.value for r in Role],
+        default=Role.ALL.value,
+        help="all (default); ingest: consumer with health and metrics; api: the HTTP API alone",
+    )
     run.add_argument("--max-batches", type=int, help="exit after this many committed batches")
     run.add_argument(
         "--idle-timeout", type=float, help="exit after this many seconds without records"
@@ -28,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> None:
-    service = Service(settings)
+    service = Service(settings, Role(args.role))
     service.install_signal_handlers()
     await service.run(max_batches=args.max_batches, idle_timeout=args.idle_timeout)
 

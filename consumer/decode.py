@@ -100,8 +100,8 @@ _JSON = json.JSONDecoder(
 )
 
 
-def parse_json_object(value: bytes | None, limits: Limits) -> dict[str, Any] | Rejection:  # noqa: PLR0911 -- one return per reason
-    """The message as a JSON object, or why it is not one."""
+def parse_json(value: bytes | None, limits: Limits) -> Any:  # noqa: PLR0911 -- a return per reason
+    """The message as one JSON value, or the Rejection saying why it is not one."""
     if not value:
         return Rejection(Reason.EMPTY_PAYLOAD, "the message value is empty or null")
     if len(value) > limits.max_payload_bytes:
@@ -114,7 +114,7 @@ def parse_json_object(value: bytes | None, limits: Limits) -> dict[str, Any] | R
     except UnicodeDecodeError as exc:
         return Rejection(Reason.INVALID_UTF8, f"not UTF-8 at byte {exc.start}")
     try:
-        obj = _JSON.decode(text)
+        return _JSON.decode(text)
     except _DuplicateKeyError as exc:
         return Rejection(Reason.DUPLICATE_KEY, f"duplicate keys: {exc}"[:_MAX_DETAIL_CHARS])
     except _NonFiniteError as exc:
@@ -123,9 +123,14 @@ def parse_json_object(value: bytes | None, limits: Limits) -> dict[str, Any] | R
         return Rejection(Reason.MALFORMED_JSON, "JSON nested too deeply")
     except ValueError as exc:  # JSONDecodeError, and ints beyond the digit limit
         return Rejection(Reason.MALFORMED_JSON, str(exc)[:_MAX_DETAIL_CHARS])
-    if not isinstance(obj, dict):
-        return Rejection(Reason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
-    return obj
+
+
+def parse_json_object(value: bytes | None, limits: Limits) -> dict[str, Any] | Rejection:
+    """The message as a JSON object, or why it is not one."""
+    obj = parse_json(value, limits)
+    if isinstance(obj, Rejection | dict):
+        return obj
+    return Rejection(Reason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
 
 
 def validate_reading(

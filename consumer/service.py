@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import random
 import signal
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
 
 from consumer import metrics
+from consumer.api.analytics import analytics_routes
 from consumer.api.app import make_app
+from consumer.api.deps import ApiDeps
+from consumer.api.ingestion import ingestion_routes
+from consumer.api.openapi import openapi_routes
+from consumer.api.security import security_middlewares
 from consumer.errors import ConfigError, is_transient
 from consumer.kafka import PartitionTracker, make_consumer, make_producer, member_name
 from consumer.pipeline import Pipeline
@@ -50,9 +56,22 @@ async def _until_up(
         delay = min(delay * 2, 10.0)
 
 
+class Role(enum.StrEnum):
+    """What one process serves: `all` for small deployments; scale `ingest` with partitions
+    and `api` with read replicas."""
+
+    ALL = "all"
+    INGEST = "ingest"  # the consumer group, with health and metrics only
+    API = "api"  # the HTTP API (analytics, assignments, ingestion), no consumer group
+
+
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, role: Role = Role.ALL) -> None:
         self.settings = settings
+        self.role = role
+        self.consumes = role in (Role.ALL, Role.INGEST)
+        self.serves_api = role in (Role.ALL, Role.API)
+        self.deps = ApiDeps(settings)
         self.stopping = asyncio.Event()
         self.store: Store | None = None
         self.consumer: AIOKafkaConsumer | None = None
@@ -64,10 +83,14 @@ class Service:
     async def start(self) -> bool:
         """Start everything; False when asked to stop before the dependencies came up."""
         s = self.settings
+        api = self.serves_api
         self.http = web.AppRunner(
             make_app(
                 {"database": self._check_database, "broker": self._check_broker},
                 before_scrape=self._report_pool,
+                deps=self.deps,
+                routes=[*analytics_routes(), *ingestion_routes(), *openapi_routes()] if api else [],
+                middlewares=security_middlewares(s) if api else [],
             )
         )
         await self.http.setup()
@@ -87,14 +110,22 @@ class Service:
         )
         if self.store is None:
             return False
-        created = await self.store.prepare_partitions(
-            s.partitions_months_back, s.partitions_months_ahead
-        )
-        log.info("history_partitions_prepared", created=created)
-        self._maintenance = asyncio.create_task(self._maintain_partitions())
+        self.deps.pool = self.store.pool
+        if self.consumes:  # the api role may point at a read-only replica
+            created = await self.store.prepare_partitions(
+                s.partitions_months_back, s.partitions_months_ahead
+            )
+            log.info("history_partitions_prepared", created=created)
+            self._maintenance = asyncio.create_task(self._maintain_partitions())
 
-        self.producer = make_producer(s)
+        self.producer = make_producer(s)  # dead letters, and HTTP ingestion
         await _until_up("broker", self._start_producer, self.stopping)
+        if self.stopping.is_set():
+            return False
+        self.deps.producer = self.producer
+        if not self.consumes:
+            log.info("api_started", role=self.role.value)
+            return True
         self.consumer = make_consumer(s)
         tracker = PartitionTracker(self.consumer)
         self.consumer.subscribe(list(s.topics), listener=tracker)
@@ -106,7 +137,9 @@ class Service:
         return True
 
     async def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> None:
-        if await self.start() and self.pipeline is not None:
+        if await self.start() and self.pipeline is None:
+            await self.stopping.wait()  # the api role: serve until SIGTERM
+        elif self.pipeline is not None:
             runner = asyncio.create_task(self.pipeline.run(max_batches, idle_timeout))
             stopper = asyncio.create_task(self.stopping.wait())
             await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -148,6 +181,7 @@ class Service:
         if self.http is not None:
             await self.http.cleanup()
             self.http = None
+        self.deps.pool = self.deps.producer = None
         log.info("stopped")
 
     def install_signal_handlers(self) -> None:

@@ -59,8 +59,25 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
 
     # --- analytics API (sidecar): read side ---
+    analytics_default_window_hours: int = Field(default=24, ge=1, le=24 * 366)
+    analytics_max_window_days: int = Field(default=31, ge=1, le=366)
+    # Efficiency = DC delivered / AC consumed: below the first is a fault, above
+    # the second is physically impossible (bad data). The bounds keep fault <= anomalous.
+    efficiency_fault_below: float = Field(default=0.85, gt=0, le=1)
+    efficiency_anomalous_above: float = Field(default=1.0, ge=1)
+    # Below this much AC energy a ratio says more about rounding than the charger.
+    efficiency_min_ac_kwh: float = Field(default=0.5, ge=0)
+    fleet_report_page_size: int = Field(default=100, ge=1, le=1000)
 
     # --- HTTP ingestion and security ---
+    # Comma-separated bearer tokens for the API (health, metrics and the OpenAPI
+    # document stay open); unset turns authentication off.
+    api_tokens: SecretStr | None = None
+    # Token bucket per client (its bearer token, else its address), same routes.
+    rate_limit_per_second: float = Field(default=50.0, gt=0)
+    rate_limit_burst: int = Field(default=100, ge=1)
+    ingest_max_items: int = Field(default=1000, ge=1, le=100_000)
+    ingest_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     log_level: str = "INFO"
     log_json: bool | None = None  # None: JSON unless stdout is a terminal

@@ -31,7 +31,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return web.json_response(error_body(code, exc.reason), status=exc.status)
+        kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return web.json_response(error_body(code, exc.reason), status=exc.status, headers=kept)
     except asyncio.CancelledError:
         raise
     except Exception:

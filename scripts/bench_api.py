@@ -1,0 +1,248 @@
+"""Read-side benchmark: latency of GET /v1/analytics/performance/{vehicleId} on 10M history rows.
+
+1. Fresh database `fleet_bench_api`: 10,000 vehicles x 500 readings and 10,000 meters
+   x 500 readings at 1-minute steps (time-ordered, as ingestion writes them), one meter
+   per vehicle, every tenth vehicle moved to another meter half-way; then ANALYZE.
+2. The API alone in a child process (make_app + analytics routes on a free port).
+3. N concurrent clients ask for random vehicles over the 24 h window ending after the
+   last reading (every request aggregates 500 vehicle rows and 500 meter rows).
+Prints the plan of one request and the latency percentiles; the last line is JSON.
+
+Client, API and PostgreSQL share this machine's cores: the figures are for all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+from pydantic import SecretStr
+
+from consumer.api import analytics_sql
+from consumer.api.analytics import analytics_routes
+from consumer.api.app import make_app
+from consumer.api.deps import ApiDeps
+from consumer.devstack import free_port
+from consumer.migrate import migrate
+from consumer.settings import Settings
+
+DATABASE = "fleet_bench_api"
+READINGS = 500  # per device, one a minute
+
+
+def _with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+async def _load(admin_dsn: str, devices: int, workers: int) -> tuple[str, datetime, int, int]:
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
+    finally:
+        await admin.close()
+    dsn = _with_database(admin_dsn, DATABASE)
+    await migrate(dsn)
+    # The last reading a few minutes ago, so every row is in a prepared monthly partition.
+    end = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+    start = end - timedelta(minutes=READINGS)
+    total = devices * READINGS
+    # Row i is device i % devices at minute i / devices: time-ordered, like live ingestion.
+    vehicle_sql = (
+        'INSERT INTO vehicle_history (vehicle_id, soc, kwh_delivered_dc, battery_temp, "timestamp") '
+        "SELECT 'v-' || (i % $2), 50, 0.5 + (i % 7) * 0.01, 20 + (i % 11), "
+        "$1::timestamptz + (i / $2) * interval '1 minute' FROM generate_series($3::bigint, $4) i"
+    )
+    meter_sql = (
+        'INSERT INTO meter_history (meter_id, kwh_consumed_ac, voltage, "timestamp") '
+        "SELECT 'm-' || (i % $2), 0.58 + (i % 5) * 0.01, 230, "
+        "$1::timestamptz + (i / $2) * interval '1 minute' FROM generate_series($3::bigint, $4) i"
+    )
+    chunk = -(-total // workers)
+
+    async def insert(statement: str, lo: int) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("SET synchronous_commit = off")
+            await conn.execute(statement, start, devices, lo, min(lo + chunk, total) - 1)
+        finally:
+            await conn.close()
+
+    began = time.perf_counter()
+    for statement in (vehicle_sql, meter_sql):
+        await asyncio.gather(*(insert(statement, lo) for lo in range(0, total, chunk)))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO vehicle_meter_assignments (vehicle_id, meter_id, valid_from, valid_to) "
+            "SELECT 'v-' || i, 'm-' || i, $1::timestamptz - interval '30 days', "
+            "CASE WHEN i % 10 = 0 THEN $2::timestamptz END FROM generate_series(0, $3 - 1) i "
+            "UNION ALL SELECT 'v-' || i, 'm-' || ((i + 1) % $3), $2::timestamptz, NULL "
+            "FROM generate_series(0, $3 - 1, 10) i",
+            start,
+            start + (end - start) / 2,
+            devices,
+        )
+        await conn.execute("ANALYZE")
+        rows_vehicle = await conn.fetchval("SELECT count(*) FROM vehicle_history")
+        rows_meter = await conn.fetchval("SELECT count(*) FROM meter_history")
+    finally:
+        await conn.close()
+    print(
+        f"loaded {rows_vehicle:,} vehicle + {rows_meter:,} meter rows "
+        f"in {time.perf_counter() - began:.0f} s",
+        flush=True,
+    )
+    return dsn, end, rows_vehicle, rows_meter
+
+
+async def _print_plan(dsn: str, vehicle: str, start: datetime, end: datetime) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        thresholds = (Decimal("0.5"), Decimal("0.85"), Decimal("1.0"))
+        plan = await conn.fetch(
+            f"EXPLAIN (ANALYZE, BUFFERS) {analytics_sql.PERFORMANCE}",
+            *thresholds,
+            vehicle,
+            start,
+            end,
+            None,
+        )
+    finally:
+        await conn.close()
+    print("\n".join(r[0] for r in plan), flush=True)
+
+
+async def _serve(dsn: str, port: int, pool_size: int) -> None:
+    """The API alone, until killed."""
+    pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
+    settings = Settings(database_url=SecretStr(dsn))
+    app = make_app({}, deps=ApiDeps(settings, pool=pool), routes=analytics_routes())
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print("serving", flush=True)
+    await asyncio.Event().wait()
+
+
+async def _measure(
+    base: str, *, devices: int, start: datetime, end: datetime, requests: int, concurrency: int
+) -> list[float]:
+    params = {"from": start.isoformat(), "to": end.isoformat()}
+    rng = random.Random(42)  # noqa: S311 -- picking vehicles, not secrets
+    latencies: list[float] = []
+    remaining = iter(range(requests))
+    failures: list[int] = []
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+
+        async def worker() -> None:
+            for _ in remaining:
+                url = f"{base}/v1/analytics/performance/v-{rng.randrange(devices)}"
+                t0 = time.perf_counter()
+                async with http.get(url, params=params) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        failures.append(resp.status)
+                latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if failures:
+        raise SystemExit(f"{len(failures)} requests failed, e.g. HTTP {failures[0]}")
+    return latencies
+
+
+def _percentile(sorted_ms: list[float], p: float) -> float:
+    return round(sorted_ms[min(len(sorted_ms) - 1, int(len(sorted_ms) * p / 100))], 2)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--admin-dsn",
+        default=os.environ.get(
+            "FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=4, help="parallel loading connections")
+    parser.add_argument("--serve", metavar="DSN", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        await _serve(args.serve, args.port, args.concurrency)
+        return
+
+    dsn, end, rows_vehicle, rows_meter = await _load(args.admin_dsn, args.devices, args.workers)
+    start = end + timedelta(minutes=10) - timedelta(hours=24)
+    window_end = end + timedelta(minutes=10)
+    await _print_plan(dsn, "v-10", start, window_end)
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            dsn,
+            "--port",
+            str(port),
+            "--concurrency",
+            str(args.concurrency),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None  # noqa: S101 -- piped just above
+        await asyncio.to_thread(server.stdout.readline)  # "serving"
+        base = f"http://127.0.0.1:{port}"
+        window = {"devices": args.devices, "start": start, "end": window_end}
+        await _measure(base, **window, requests=500, concurrency=args.concurrency)  # warm-up
+        began = time.perf_counter()
+        latencies = await _measure(
+            base, **window, requests=args.requests, concurrency=args.concurrency
+        )
+        elapsed = time.perf_counter() - began
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    ms = sorted(x * 1000 for x in latencies)
+    print(
+        f"{len(ms)} requests, {args.concurrency} concurrent, {len(ms) / elapsed:.0f} req/s, "
+        f"mean {statistics.fmean(ms):.2f} ms",
+        flush=True,
+    )
+    print(
+        json.dumps(
+            {
+                "requests": len(ms),
+                "concurrency": args.concurrency,
+                "p50_ms": _percentile(ms, 50),
+                "p95_ms": _percentile(ms, 95),
+                "p99_ms": _percentile(ms, 99),
+                "rows_vehicle": rows_vehicle,
+                "rows_meter": rows_meter,
+                "requests_per_second": round(len(ms) / elapsed, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,77 @@
+"""One process, three roles: all, the consumer alone (ingest), the HTTP API alone (api)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from consumer.service import Role, Service
+from consumer.settings import Settings
+from tests.conftest import wait_until
+from tests.integration.helpers import meter, stored_offsets
+
+
+async def _get(base: str, path: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(base + path) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_api_role_serves_the_api_without_joining_the_consumer_group(
+    settings: Settings,
+) -> None:
+    """`run --role api` answers API requests and consumes nothing."""
+    service = Service(settings, Role.API)
+    try:
+        assert await service.start()
+        base = f"http://127.0.0.1:{settings.http_port}"
+        assert service.consumer is None
+        status, document = await _get(base, "/openapi.json")
+        assert status == 200
+        assert document["openapi"].startswith("3.1")
+        status, body = await _get(base, "/v1/vehicles/ev-1/live")
+        assert (status, body["error"]["code"]) == (404, "vehicle_not_found")
+    finally:
+        await service.stop()
+
+
+async def test_ingest_role_consumes_and_serves_only_health_and_metrics(
+    settings: Settings,
+) -> None:
+    """`run --role ingest` runs the consumer and has no /v1 routes."""
+    service = Service(settings, Role.INGEST)
+    try:
+        assert await service.start()
+        assert service.pipeline is not None
+        base = f"http://127.0.0.1:{settings.http_port}"
+        status, body = await _get(base, "/v1/vehicles/ev-1/live")
+        assert (status, body["error"]["code"]) == (404, "not_found")
+        assert (await _get(base, "/healthz"))[0] == 200
+    finally:
+        await service.stop()
+
+
+async def test_a_reading_posted_to_the_api_is_consumed_into_history(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """In the default role a reading POSTed to the API comes back through the consumer."""
+    service = Service(settings)
+    assert await service.start()
+    assert service.pipeline is not None
+    runner = asyncio.create_task(service.pipeline.run())
+    try:
+        url = f"http://127.0.0.1:{settings.http_port}/v1/ingestion/telemetry"
+        async with aiohttp.ClientSession() as http, http.post(url, json=meter("m-http", 0)) as resp:
+            assert (resp.status, (await resp.json())["accepted"]) == (202, 1)
+        await wait_until(lambda: _stored_any(db, settings.meter_topic))
+    finally:
+        service.pipeline.stop()
+        await runner
+        await service.stop()
+    assert await db.fetchval("SELECT count(*) FROM meter_history WHERE meter_id = 'm-http'") == 1
+
+
+async def _stored_any(db: asyncpg.Connection, topic: str) -> bool:
+    return await stored_offsets(db, topic) >= 1
