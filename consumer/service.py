@@ -10,6 +10,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import asyncpg
 import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -78,6 +79,7 @@ class Service:
         self.producer: AIOKafkaProducer | None = None
         self.pipeline: Pipeline | None = None
         self.http: web.AppRunner | None = None
+        self.api_pool: asyncpg.Pool | None = None
         self._maintenance: asyncio.Task[None] | None = None
 
     async def start(self) -> bool:
@@ -111,6 +113,16 @@ class Service:
         if self.store is None:
             return False
         self.deps.pool = self.store.pool
+        if self.serves_api and s.api_database_url is not None:
+            api_dsn = s.api_database_url.get_secret_value()
+            self.api_pool = await _until_up(
+                "api database",
+                lambda: asyncpg.create_pool(api_dsn, min_size=1, max_size=8),
+                self.stopping,
+            )
+            if self.api_pool is None:
+                return False
+            self.deps.pool = self.api_pool
         if self.consumes:  # the api role may point at a read-only replica
             created = await self.store.prepare_partitions(
                 s.partitions_months_back, s.partitions_months_ahead
@@ -175,6 +187,9 @@ class Service:
         if self.producer is not None:
             await self.producer.stop()
             self.producer = None
+        if self.api_pool is not None:
+            await self.api_pool.close()
+            self.api_pool = None
         if self.store is not None:
             await self.store.close()
             self.store = None

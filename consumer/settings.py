@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
 
     # --- analytics API (sidecar): read side ---
+    # The API's own connection (a replica, or a login granted the fleet_api role of
+    # sql/007); unset: FLEET_DATABASE_URL.
+    api_database_url: SecretStr | None = None
     analytics_default_window_hours: int = Field(default=24, ge=1, le=24 * 366)
     analytics_max_window_days: int = Field(default=31, ge=1, le=366)
     # Efficiency = DC delivered / AC consumed: below the first is a fault, above

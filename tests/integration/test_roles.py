@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import pytest
+from pydantic import SecretStr
 
 from consumer.service import Role, Service
 from consumer.settings import Settings
@@ -75,3 +78,36 @@ async def test_a_reading_posted_to_the_api_is_consumed_into_history(
 
 async def _stored_any(db: asyncpg.Connection, topic: str) -> bool:
     return await stored_offsets(db, topic) >= 1
+
+
+async def test_api_connected_as_the_fleet_api_role_reads_and_assigns_but_cannot_write_data(
+    settings: Settings, database: str, db: asyncpg.Connection
+) -> None:
+    """With FLEET_API_DATABASE_URL as a login granted fleet_api (sql/007), the API works and
+    that login cannot touch the ingested data."""
+    login = f"api_{settings.group_id.replace('-', '_')}"
+    await db.execute(f"CREATE ROLE {login} LOGIN IN ROLE fleet_api")
+    parts = urlsplit(database)
+    api_dsn = urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc.split('@')[-1]}"))
+    service = Service(
+        settings.model_copy(update={"api_database_url": SecretStr(api_dsn)}), Role.API
+    )
+    try:
+        assert await service.start()
+        base = f"http://127.0.0.1:{settings.http_port}"
+        body = {"meterId": "m-1", "from": "2026-11-01T00:00:00Z"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.put(f"{base}/v1/vehicles/ev-1/meter", json=body) as resp,
+        ):
+            assert resp.status == 201
+        assert (await _get(base, "/v1/vehicles/ev-1/meter"))[0] == 200
+        as_api = await asyncpg.connect(api_dsn)
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await as_api.execute("DELETE FROM meter_history")
+        finally:
+            await as_api.close()
+    finally:
+        await service.stop()
+        await db.execute(f"DROP ROLE {login}")
