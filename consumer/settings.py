@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     group_id: str = "fleet-ingest"
 
     # Batching: a batch closes at whichever limit comes first.
-    batch_max_records: int = Field(default=5000, ge=1, le=100_000)
+    batch_max_records: int = Field(default=10_000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=500, ge=1, le=60_000)
     # Transactions in flight at once, each on its own connection and its own
     # share of the partitions (a partition's batches always commit in order).
