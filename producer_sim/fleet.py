@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 
 Reading = dict[str, str | float]
@@ -43,6 +43,7 @@ AMBIENT_C = (5.0, 25.0)
 WARMING_C_PER_KW = 0.5  # charging at 11 kW settles the pack about 5 degrees above ambient
 THERMAL_TAU_HOURS = 1.0
 CHARGING_AT_START = 0.35  # share of vehicles plugged in when the run begins
+FAILING_EFFICIENCY = 0.70  # a charger with a hardware fault wastes about a third
 
 # Compact and strict: a NaN would be a bug here, never something to send.
 _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)
@@ -88,26 +89,56 @@ class Fleet:
         """meter id -> the true AC-to-DC efficiency of its charger."""
         return dict(zip(self.meter_ids, self._efficiency, strict=True))
 
-    def readings(self, start: datetime, interval: timedelta, rounds: int) -> Iterator[Reading]:
+    def readings(
+        self,
+        start: datetime,
+        interval: timedelta,
+        rounds: int,
+        *,
+        failing: Mapping[str, int] | None = None,
+        failing_efficiency: float = FAILING_EFFICIENCY,
+    ) -> Iterator[Reading]:
         """Yield, round by round, one reading per meter then one per vehicle.
 
         Round k is stamped ``start + k * interval`` and carries the energy of the
-        interval that ends there.
+        interval that ends there. ``failing`` maps a meter id to the round from which
+        its charger runs at ``failing_efficiency``: the same AC power, less DC out.
         """
         if start.utcoffset() is None:
             raise ValueError("start must be timezone-aware")
         if interval <= timedelta(0) or rounds < 0:
             raise ValueError("interval must be positive and rounds not negative")
-        return self._run(start, interval, rounds)
+        if not 0.0 < failing_efficiency <= 1.0:
+            raise ValueError("failing_efficiency must be in (0, 1]")
+        index = {meter: m for m, meter in enumerate(self.meter_ids)}
+        fail_at: dict[int, list[int]] = {}
+        for meter, at in (failing or {}).items():
+            if meter not in index:
+                raise ValueError(f"unknown meter {meter!r}")
+            fail_at.setdefault(max(0, at), []).append(index[meter])
+        return self._run(start, interval, rounds, fail_at, failing_efficiency)
 
-    def _run(self, start: datetime, interval: timedelta, rounds: int) -> Iterator[Reading]:
+    def _at_efficiency(self, m: int, efficiency: float, hours: float) -> tuple[float, ...]:
+        """Charger m's (efficiency, DC kWh per round, warming) when it runs at ``efficiency``."""
+        kw = self._charger_kw[m]
+        return efficiency, kw * efficiency * hours, WARMING_C_PER_KW * kw * efficiency
+
+    def _run(
+        self,
+        start: datetime,
+        interval: timedelta,
+        rounds: int,
+        fail_at: dict[int, list[int]],
+        failing_efficiency: float,
+    ) -> Iterator[Reading]:
         # A second generator, so the traits above do not depend on the run's length.
         rng = random.Random(f"{self.seed}:run")  # noqa: S311 -- as above
         hours = interval / timedelta(hours=1)
         relax = 1.0 - math.exp(-hours / THERMAL_TAU_HOURS)
         meters, vehicles = len(self.meter_ids), len(self.vehicle_ids)
         meter_ids, vehicle_ids, meter_of = self.meter_ids, self.vehicle_ids, self._meter_of
-        efficiency, ambient, plug_in_soc = self._efficiency, self._ambient, self._plug_in_soc
+        efficiency = list(self._efficiency)  # a failing charger changes its own copy
+        ambient, plug_in_soc = self._ambient, self._plug_in_soc
         site_voltage = self._site_voltage
         dc_per_round = [
             kw * eff * hours for kw, eff in zip(self._charger_kw, efficiency, strict=True)
@@ -133,6 +164,10 @@ class Fleet:
         ac_register, ac_reported = [0.0] * meters, [0] * meters
 
         for k in range(rounds):
+            for m in fail_at.get(k, ()):
+                efficiency[m], dc_per_round[m], warm_to[m] = self._at_efficiency(
+                    m, failing_efficiency, hours
+                )
             timestamp = (start + k * interval).isoformat()
             load = [0.0] * meters  # AC kWh drawn by charging vehicles this round
             out: list[Reading] = []

@@ -49,14 +49,17 @@ def _database_url(embedded: object) -> str:
     return urlunsplit(urlsplit(uri)._replace(path="/fleet"))
 
 
-async def _wait_for_rows(dsn: str, expected: int, timeout: float = 120) -> int:
+async def _wait_for_rows(dsn: str, since: datetime, expected: int, timeout: float = 120) -> int:
+    """Rows this run stored (a database kept from an earlier run holds more)."""
     conn = await asyncpg.connect(dsn)
     try:
         deadline = time.monotonic() + timeout
         while True:
             stored = await conn.fetchval(
-                "SELECT (SELECT count(*) FROM meter_history) + (SELECT count(*) FROM vehicle_history)"
-                " + (SELECT count(*) FROM dead_letters)"
+                "SELECT (SELECT count(*) FROM meter_history WHERE ingested_at >= $1)"
+                " + (SELECT count(*) FROM vehicle_history WHERE ingested_at >= $1)"
+                " + (SELECT count(*) FROM dead_letters WHERE received_at >= $1)",
+                since,
             )
             if stored >= expected or time.monotonic() > deadline:
                 return int(stored)
@@ -72,7 +75,8 @@ async def _report(dsn: str, fleet: Fleet) -> None:
         # sidecar's assignment API will do this; here it is plain SQL).
         await conn.executemany(
             "INSERT INTO vehicle_meter_assignments (vehicle_id, meter_id, valid_from) "
-            "VALUES ($1, $2, now() - interval '30 days') ON CONFLICT DO NOTHING",
+            "SELECT $1, $2, now() - interval '30 days' WHERE NOT EXISTS "
+            "(SELECT 1 FROM vehicle_meter_assignments WHERE vehicle_id = $1)",
             list(fleet.charger.items()),
         )
         counts = await conn.fetchrow(
@@ -147,6 +151,8 @@ async def main(seconds: float | None) -> int:
 
         say("migrating the database")
         print("applied:", await migrate(dsn) or "nothing new")
+        if broker is not None:
+            await _forget_offsets(dsn, settings.group_id)
         await ensure_topics(bootstrap, [*settings.topics, settings.dlq_topic], partitions=4)
 
         say("starting the consumer (python -m consumer run); its log is .demo/consumer.log")
@@ -158,7 +164,8 @@ async def main(seconds: float | None) -> int:
 
         fleet = Fleet(METERS, VEHICLES, seed=1)
         interval = timedelta(minutes=1)
-        start = datetime.now(UTC).replace(microsecond=0) - ROUNDS * interval
+        began = datetime.now(UTC)
+        start = began.replace(microsecond=0) - ROUNDS * interval
         say(f"publishing {ROUNDS} minutes of readings from {METERS} meters and {VEHICLES} vehicles")
         published = await publish(
             bootstrap,
@@ -176,12 +183,16 @@ async def main(seconds: float | None) -> int:
         print(f"published {published:,} readings and {len(MALFORMED)} malformed messages")
 
         say("waiting for the consumer to store them")
-        stored = await _wait_for_rows(dsn, published + len(MALFORMED))
+        stored = await _wait_for_rows(dsn, began, published + len(MALFORMED))
         print(f"stored {stored:,} of {published + len(MALFORMED):,} messages")
         await _report(dsn, fleet)
 
         port = settings.http_port
         say("where to look")
+        print(f"  analytics: curl -s localhost:{port}/v1/analytics/performance/ev-00141")
+        print(f"  fleet:     curl -s 'localhost:{port}/v1/analytics/fleet/efficiency?limit=5'")
+        print(f"  live:      curl -s localhost:{port}/v1/vehicles/ev-00001/live")
+        print(f"  API doc:   curl -s localhost:{port}/openapi.json")
         print(f"  metrics:   curl -s localhost:{port}/metrics | grep ^fleet_")
         print(f"  readiness: curl -s localhost:{port}/readyz")
         print(f"  database:  psql '{dsn}' -c 'SELECT * FROM vehicle_live LIMIT 5'")
@@ -199,6 +210,16 @@ async def main(seconds: float | None) -> int:
             broker.stop()
         if embedded_pg is not None:
             embedded_pg.cleanup()
+
+
+async def _forget_offsets(dsn: str, group_id: str) -> None:
+    """The demo's broker starts empty every time: offsets stored by an earlier run point
+    into a log that no longer exists (see docs/operations.md, "The broker lost its log")."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DELETE FROM consumer_offsets WHERE group_id = $1", group_id)
+    finally:
+        await conn.close()
 
 
 async def _publish_malformed(bootstrap: str, topic: str) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumer.models import MeterReading, VehicleReading
+from consumer.decode import Limits, Rejection, decode
+from consumer.models import MeterReading, Stream, VehicleReading
+from producer_sim.__main__ import _faults, _parser
+from producer_sim.faults import BAD_CLASSES, Faults, FaultyRun, Message, bad_message
 from producer_sim.fleet import EFFICIENCY_RANGE, Fleet, Reading, encode
 
 START = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
@@ -137,3 +140,168 @@ def test_a_meter_shared_by_vehicles_consumes_for_all_of_them() -> None:
 def test_a_start_without_an_offset_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         Fleet(1, 1, seed=1).readings(datetime(2026, 11, 27), QUARTER_HOUR, 1)
+
+
+# Faults and their truth.
+
+NOW = START + timedelta(days=2)
+FAULTS = Faults(
+    failing_chargers=0.1,
+    bad_messages=0.05,
+    duplicates=0.02,
+    late=0.02,
+    skewed_devices=0.1,
+    skew=timedelta(seconds=30),
+)
+
+
+def faulty_run(faults: Faults = FAULTS, *, mixed: bool = True) -> FaultyRun:
+    return FaultyRun(
+        Fleet(meters=40, vehicles=40, seed=11),
+        START,
+        timedelta(minutes=1),
+        120,
+        faults,
+        now=NOW,
+        mixed=mixed,
+    )
+
+
+def decoded(message: Message, *, mixed: bool = True) -> object:
+    expected = None if mixed else (Stream.METER if message.meter else Stream.VEHICLE)
+    return decode(message.value, expected, now=NOW, limits=Limits())
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "dedicated"])
+@pytest.mark.parametrize("name", sorted(BAD_CLASSES))
+def test_each_bad_message_class_is_rejected_for_its_expected_reason(
+    name: str, *, mixed: bool
+) -> None:
+    """Every injectable bad message, made from a meter's or a vehicle's reading, gets its reason."""
+    fleet = Fleet(meters=1, vehicles=1, seed=1)
+    for reading in fleet.readings(START, QUARTER_HOUR, 1):
+        value = bad_message(name, reading, now=NOW, future_by=timedelta(days=1))
+        message = Message(b"k", value, "meterId" in reading)
+        result = decoded(message, mixed=mixed)
+        assert isinstance(result, Rejection), (name, value)
+        assert result.reason is BAD_CLASSES[name][1 if mixed else 2], (name, result)
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "dedicated"])
+def test_the_truth_counts_what_the_decoder_sees(*, mixed: bool) -> None:
+    """Rejections by reason, valid readings, duplicates and the total all match the truth."""
+    run = faulty_run(mixed=mixed)
+    messages = list(run)
+    truth = run.truth
+    rejected: Counter[str] = Counter()
+    valid: list[tuple[str, object]] = []
+    for message in messages:
+        result = decoded(message, mixed=mixed)
+        if isinstance(result, Rejection):
+            rejected[result.reason.value] += 1
+        else:
+            assert not isinstance(result, Rejection)
+            valid.append((result.device_id, result.timestamp))
+    assert dict(rejected) == truth.bad_messages
+    assert len(truth.bad_messages) >= 10  # most classes show up in a run this size
+    assert len(messages) == truth.messages
+    assert len(set(valid)) == truth.readings == 120 * 80
+    assert len(valid) - len(set(valid)) == truth.duplicates > 0
+    assert truth.late_readings > 0
+
+
+def test_a_faulty_run_replays_the_same_messages_and_truth() -> None:
+    """The same fleet, run and faults give the same messages and the same truth."""
+    first, second = faulty_run(), faulty_run()
+    assert list(first) == list(second)
+    assert first.truth == second.truth
+    assert list(faulty_run()) != list(faulty_run(Faults(bad_messages=0.05)))
+
+
+def test_without_faults_a_faulty_run_is_the_plain_run() -> None:
+    """With every rate at zero the messages are exactly the plain readings and nothing is faulty."""
+    run = faulty_run(Faults())
+    plain = [encode(r) for r in run.fleet.readings(START, timedelta(minutes=1), 120)]
+    assert [(m.key, m.value) for m in run] == plain
+    assert run.truth.bad_messages == {}
+    assert run.truth.failing_chargers == run.truth.faulty_vehicles == {}
+
+
+def test_late_readings_arrive_after_newer_ones_of_their_device() -> None:
+    """A held-back reading is sent after a newer reading of the same device."""
+    run = faulty_run(Faults(late=0.02, late_rounds=3))
+    newest: dict[bytes, datetime] = {}
+    gaps: list[timedelta] = []
+    for message in run:
+        stamp = datetime.fromisoformat(json.loads(message.value)["timestamp"])
+        if message.key in newest and stamp < newest[message.key]:
+            gaps.append(newest[message.key] - stamp)
+        newest[message.key] = max(stamp, newest.get(message.key, stamp))
+    # Nearly all are overtaken by three newer rounds; the rest by a newer reading held too.
+    assert len(gaps) <= run.truth.late_readings
+    assert sum(gap >= timedelta(minutes=3) for gap in gaps) >= 0.9 * run.truth.late_readings > 0
+
+
+def test_skewed_devices_are_off_by_the_skew_and_still_accepted() -> None:
+    """A skewed device stamps every reading the skew off the round time, and is still accepted."""
+    run = faulty_run(Faults(skewed_devices=0.25, skew=timedelta(seconds=90)))
+    skewed = run.truth.skewed_devices
+    assert len(skewed) == 20
+    for message in run:
+        reading = json.loads(message.value)
+        device = reading.get("meterId", reading.get("vehicleId"))
+        seconds = datetime.fromisoformat(reading["timestamp"]).second
+        assert seconds == (30 if device in skewed else 0)
+        assert not isinstance(decoded(message), Rejection)
+
+
+def test_failing_chargers_make_their_vehicles_inefficient_from_the_failure_on() -> None:
+    """After the failure, DC / AC of a faulty vehicle is far below 0.85; others stay healthy."""
+    run = faulty_run(Faults(failing_chargers=0.1))
+    fleet, truth = run.fleet, run.truth
+    assert len(truth.failing_chargers) == 4
+    assert set(truth.faulty_vehicles) == {
+        v for v, m in fleet.charger.items() if m in truth.failing_chargers
+    }
+    failed_at = datetime.fromisoformat(next(iter(truth.failing_chargers.values())))
+    assert failed_at == START + timedelta(minutes=60)
+    dc: dict[str, float] = defaultdict(float)
+    ac: dict[str, float] = defaultdict(float)
+    for message in run:
+        reading = json.loads(message.value)
+        if datetime.fromisoformat(reading["timestamp"]) < failed_at:
+            continue
+        if "meterId" in reading:
+            ac[reading["meterId"]] += reading["kwhConsumedAc"]
+        else:
+            dc[reading["vehicleId"]] += reading["kwhDeliveredDc"]
+    rated = 0
+    for vehicle, meter in fleet.charger.items():
+        if ac[meter] < 1.0:
+            continue  # not charged enough to rate
+        ratio = dc[vehicle] / ac[meter]
+        if vehicle in truth.faulty_vehicles:
+            rated += 1
+            assert ratio < 0.71
+        else:
+            assert 0.85 <= ratio <= 0.95
+    assert rated > 0
+
+
+def test_fault_rates_outside_zero_to_one_are_refused() -> None:
+    """A rate that is not a share between 0 and 1 is refused."""
+    with pytest.raises(ValueError, match="share between 0 and 1"):
+        Faults(duplicates=1.5)
+    with pytest.raises(ValueError, match="share between 0 and 1"):
+        Faults(bad_messages=float("nan"))
+
+
+def test_the_cli_takes_the_plain_path_unless_a_fault_or_the_truth_is_asked_for() -> None:
+    """Without fault flags or --truth the CLI publishes the plain, fastest run."""
+    parser = _parser()
+    assert _faults(parser.parse_args([])) is None
+    assert _faults(parser.parse_args(["--truth", "truth.json"])) == Faults()
+    faults = _faults(parser.parse_args(["--duplicates", "0.01", "--skew-seconds", "45"]))
+    assert faults == Faults(duplicates=0.01, skew=timedelta(seconds=45))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--late", "2"])
