@@ -17,7 +17,6 @@ from consumer.api.ingestion import PATH, ingestion_routes
 from consumer.api.openapi import openapi_routes
 from consumer.api.security import MAX_CLIENTS, TokenBuckets, security_middlewares
 from consumer.errors import ConfigError
-from consumer.kafka import make_producer
 from consumer.settings import Settings
 from tests.integration.helpers import meter
 
@@ -29,14 +28,6 @@ OPEN_PATHS = ["/healthz", "/readyz", "/metrics", "/openapi.json"]
 
 async def thing(request: web.Request) -> web.Response:
     return web.json_response({"thingId": request.match_info["thingId"]})
-
-
-@pytest.fixture
-async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    started = make_producer(settings)
-    await started.start()
-    yield started
-    await started.stop()
 
 
 @pytest.fixture

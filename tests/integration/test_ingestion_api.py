@@ -27,14 +27,6 @@ from tests.integration.helpers import as_key, consume_until_idle, meter, vehicle
 FUTURE = (datetime.now(UTC) + timedelta(days=2)).isoformat()
 
 
-@pytest.fixture
-async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    started = make_producer(settings)
-    await started.start()
-    yield started
-    await started.stop()
-
-
 async def serve(settings: Settings, producer: AIOKafkaProducer | None) -> TestClient[Any, Any]:
     """The ingestion API as the service composes it, listening on a free local port."""
     app = make_app(
