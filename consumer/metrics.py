@@ -50,6 +50,16 @@ OFFSET_RESETS = Counter(
     "log start. Alert on any increase.",
     ["topic"],
 )
+HISTORY_PARTITIONS_DROPPED = Counter(
+    "fleet_history_partitions_dropped_total",
+    "Monthly history partitions dropped by the retention policy (FLEET_HISTORY_RETENTION_DAYS).",
+)
+HISTORY_DEFAULT_ROWS = Gauge(
+    "fleet_history_default_rows",
+    "Readings in the default history partition (outside every prepared month): "
+    "should stay near zero; they move to their month's partition when it is prepared.",
+    ["stream"],
+)
 DLQ_PUBLISH_FAILURES = Counter(
     "fleet_dlq_publish_failures_total",
     "Dead letters stored in PostgreSQL but not published to the dead-letter topic.",

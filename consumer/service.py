@@ -8,6 +8,7 @@ import enum
 import random
 import signal
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import asyncpg
@@ -124,11 +125,8 @@ class Service:
                 return False
             self.deps.pool = self.api_pool
         if self.consumes:  # the api role may point at a read-only replica
-            created = await self.store.prepare_partitions(
-                s.partitions_months_back, s.partitions_months_ahead
-            )
-            log.info("history_partitions_prepared", created=created)
-            self._maintenance = asyncio.create_task(self._maintain_partitions())
+            await self.maintain_history()
+            self._maintenance = asyncio.create_task(self._maintain_history_hourly())
 
         self.producer = make_producer(s)  # dead letters, and HTTP ingestion
         await _until_up("broker", self._start_producer, self.stopping)
@@ -208,23 +206,37 @@ class Service:
         log.info("stop_requested", signal=sig.name)
         self.stopping.set()
 
-    async def _maintain_partitions(self) -> None:
+    async def maintain_history(self) -> None:
+        """Prepare monthly partitions ahead, drop those past retention, watch the default."""
+        assert self.store is not None  # noqa: S101 -- called once the store is open
         s = self.settings
+        months_back = s.partitions_months_back
+        if s.history_retention_days is not None:  # do not re-create what retention drops
+            months_back = min(months_back, s.history_retention_days // 31)
+        created = await self.store.prepare_partitions(months_back, s.partitions_months_ahead)
+        if created:
+            log.info("history_partitions_prepared", created=created)
+        if s.history_retention_days is not None:
+            cutoff = datetime.now(UTC) - timedelta(days=s.history_retention_days)
+            dropped = await self.store.drop_history_before(cutoff)
+            if dropped:
+                metrics.HISTORY_PARTITIONS_DROPPED.inc(len(dropped))
+                log.info(
+                    "history_partitions_dropped", partitions=dropped, before=cutoff.isoformat()
+                )
+        meters, vehicles = await self.store.default_partition_rows()
+        metrics.HISTORY_DEFAULT_ROWS.labels("meter").set(meters)
+        metrics.HISTORY_DEFAULT_ROWS.labels("vehicle").set(vehicles)
+
+    async def _maintain_history_hourly(self) -> None:
         while True:
             await asyncio.sleep(_PARTITION_MAINTENANCE_INTERVAL_S)
-            if self.store is None:
-                return
             try:
-                created = await self.store.prepare_partitions(
-                    s.partitions_months_back, s.partitions_months_ahead
-                )
+                await self.maintain_history()
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                log.warning("partition_maintenance_deferred", error=repr(exc))
-                continue
-            if created:
-                log.info("history_partitions_prepared", created=created)
+                log.warning("history_maintenance_deferred", error=repr(exc))
 
     async def _check_database(self) -> None:
         if self.store is None:

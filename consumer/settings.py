@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # History partitions prepared around "now" (months).
     partitions_months_back: int = Field(default=3, ge=0)
     partitions_months_ahead: int = Field(default=3, ge=1)
+    # Drop whole monthly history partitions once entirely older than this; unset: keep all.
+    history_retention_days: int | None = Field(default=None, ge=1)
 
     # HTTP (metrics, health; the analytics API joins it).
     http_host: str = "0.0.0.0"  # noqa: S104 -- a service port, bound on purpose

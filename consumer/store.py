@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -155,6 +156,20 @@ class Store:
                 "SELECT fleet_prepare_history_partitions($1, $2)", months_back, months_ahead
             )
             return created
+
+    async def drop_history_before(self, cutoff: datetime) -> list[str]:
+        """Drop the monthly history partitions entirely older than cutoff; their names."""
+        async with self.pool.acquire() as conn:
+            dropped: list[str] = await conn.fetchval(
+                "SELECT fleet_drop_history_partitions($1)", cutoff
+            )
+            return dropped
+
+    async def default_partition_rows(self) -> tuple[int, int]:
+        """(meter, vehicle) readings outside every prepared month."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM fleet_history_default_rows()")
+        return int(row["meter_rows"]), int(row["vehicle_rows"])
 
     async def claim(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, Claim]:
         """Take over partitions: bump their fence (waiting out any writer) and read the offsets."""
