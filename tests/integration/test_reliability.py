@@ -31,6 +31,7 @@ from tests.integration.helpers import (
 )
 from tests.integration.processes import ConsumerProcess, TcpProxy
 
+FENCES = 'SELECT topic, "partition", fence FROM consumer_offsets ORDER BY 1, 2'
 BAD_EVERY = 97  # a malformed message every so often: dead letters have no unique key,
 # so a message processed twice would show up as a second dead letter.
 
@@ -239,3 +240,35 @@ async def test_a_broker_that_lost_its_log_is_noticed_and_consumption_resumes(
     assert await history_count(db) == len(before) + len(after)
     resets = REGISTRY.get_sample_value("fleet_offset_resets_total", {"topic": settings.mixed_topic})
     assert resets is not None and resets >= 1
+
+
+async def test_an_outage_longer_than_max_poll_interval_does_not_cost_the_partitions(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """While the database is gone for longer than max.poll.interval.ms, the consumer keeps
+    polling with its partitions paused: no rebalance (no partition re-claimed), then it catches up."""
+    proxy = TcpProxy(settings.database_url.get_secret_value())
+    await proxy.start()
+    settings = settings.model_copy(
+        update={"database_url": SecretStr(proxy.dsn), "max_poll_interval_ms": 4000}
+    )
+    readings, messages = stream_with_rejects(meters=20, vehicles=20, rounds=10)
+    half = len(messages) // 2
+    await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[:half])
+    try:
+        async with running_service(settings):
+            await wait_until(lambda: _offsets_at(db, settings, half))
+            fences = await db.fetch(FENCES)
+            await proxy.cut()
+            await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[half:])
+            await asyncio.sleep(10)  # 2.5 x max.poll.interval.ms without a database
+            await proxy.start()
+            # One more message after the catch-up: had the member left the group, it would
+            # rejoin and re-claim (bumping the fences) before storing this one.
+            extra = (b"bad", b"not json after the outage")
+            await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, [extra])
+            await wait_until(lambda: _offsets_at(db, settings, len(messages) + 1))
+            assert await db.fetch(FENCES) == fences
+    finally:
+        await proxy.cut()
+    await assert_exactly_once(db, settings, readings, [*messages, extra])
