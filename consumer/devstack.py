@@ -7,15 +7,17 @@ the machine has none. Both are dev extras; the service itself never imports this
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+from consumer.migrate import migrate
 
 
 def free_port() -> int:
@@ -83,16 +85,29 @@ class Broker:
             self._log.close()
             self._log = None
 
-    def log_tail(self, lines: int = 50) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
 
 def start_broker(log_dir: Path, port: int | None = None) -> Broker:
     log_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     return Broker(port, log_dir / f"tansu-{port}.log").start()
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server and credentials, another database."""
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{database}"))
+
+
+async def fresh_database(admin_dsn: str, database: str) -> str:
+    """Drop and re-create `database` on admin_dsn's server, migrate it; its DSN."""
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+    dsn = with_database(admin_dsn, database)
+    await migrate(dsn)
+    return dsn
 
 
 async def postgres_reachable(dsn: str) -> bool:

@@ -24,7 +24,6 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -35,27 +34,15 @@ from consumer.api import analytics_sql
 from consumer.api.analytics import analytics_routes
 from consumer.api.app import make_app
 from consumer.api.deps import ApiDeps
-from consumer.devstack import free_port
-from consumer.migrate import migrate
+from consumer.devstack import free_port, fresh_database
 from consumer.settings import Settings
 
 DATABASE = "fleet_bench_api"
 READINGS = 500  # per device, one a minute
 
 
-def _with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
 async def _load(admin_dsn: str, devices: int, workers: int) -> tuple[str, datetime, int, int]:
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await admin.close()
-    dsn = _with_database(admin_dsn, DATABASE)
-    await migrate(dsn)
+    dsn = await fresh_database(admin_dsn, DATABASE)
     # The last reading a few minutes ago, so every row is in a prepared monthly partition.
     end = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
     start = end - timedelta(minutes=READINGS)

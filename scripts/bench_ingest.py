@@ -27,13 +27,17 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumer.devstack import free_port, postgres_reachable, start_broker, start_embedded_postgres
+from consumer.devstack import (
+    free_port,
+    fresh_database,
+    postgres_reachable,
+    start_broker,
+    start_embedded_postgres,
+)
 from consumer.kafka import ensure_topics
-from consumer.migrate import migrate
 from producer_sim.__main__ import publish
 from producer_sim.fleet import Fleet
 
@@ -41,19 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench"
 
 
-def _with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
 async def _fresh_database(admin_dsn: str, name: str) -> str:
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = _with_database(admin_dsn, name)
-    await migrate(dsn)
+    dsn = await fresh_database(admin_dsn, name)
     admin = await asyncpg.connect(admin_dsn)
     try:  # start from a quiet server: no checkpoint of earlier work in the timed window
         await admin.execute("CHECKPOINT")

@@ -21,12 +21,11 @@ import time
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from consumer.devstack import Broker, free_port, start_broker, wait_for_port
+from consumer.devstack import Broker, free_port, start_broker, wait_for_port, with_database
 from consumer.kafka import ensure_topics
 from consumer.migrate import migrate
 from consumer.settings import Settings
@@ -42,11 +41,6 @@ MALFORMED = [b"{not json", b'{"meterId": "meter-00001", "kwhConsumedAc": -1}', b
 
 def say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
-
-
-def _database_url(embedded: object) -> str:
-    uri: str = embedded.get_uri()  # type: ignore[attr-defined]
-    return urlunsplit(urlsplit(uri)._replace(path="/fleet"))
 
 
 async def _wait_for_rows(dsn: str, since: datetime, expected: int, timeout: float = 120) -> int:
@@ -142,7 +136,7 @@ async def main(seconds: float | None) -> int:
             import pgserver  # noqa: PLC0415 -- dev extra
 
             embedded_pg = pgserver.get_server(str(STATE / "pgdata"), cleanup_mode="stop")
-            dsn = _database_url(embedded_pg)
+            dsn = with_database(embedded_pg.get_uri(), "fleet")
         os.environ |= {"FLEET_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FLEET_DATABASE_URL": dsn}
         if broker is not None:
             os.environ["FLEET_KAFKA_IDEMPOTENT_PRODUCER"] = "false"  # tansu lacks InitProducerId

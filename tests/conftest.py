@@ -2,7 +2,7 @@
 
 PostgreSQL: FLEET_TEST_ADMIN_DSN (default: the local server on 127.0.0.1:5432),
 else an embedded pgserver instance. Broker: FLEET_TEST_BOOTSTRAP_SERVERS when set,
-else a tansu process on a free port, whose log is printed when a test fails.
+else a tansu process on a free port, logging to .pytest-artifacts/.
 """
 
 from __future__ import annotations
@@ -12,28 +12,22 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from consumer.devstack import (
     free_port,
+    fresh_database,
     postgres_reachable,
     start_broker,
     start_embedded_postgres,
 )
 from consumer.kafka import ensure_topics
-from consumer.migrate import migrate
 from consumer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / ".pytest-artifacts"
-
-
-def with_database(dsn: str, database: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 @pytest.fixture(scope="session")
@@ -59,12 +53,9 @@ async def admin_dsn() -> str:
 async def database(admin_dsn: str) -> AsyncIterator[str]:
     """A freshly migrated database of this test's own."""
     name = f"fleet_test_{uuid.uuid4().hex[:12]}"
+    yield await fresh_database(admin_dsn, name)
     admin = await asyncpg.connect(admin_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = with_database(admin_dsn, name)
-        await migrate(dsn)
-        yield dsn
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()

@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from consumer.devstack import with_database
 from consumer.errors import ConfigError
 from consumer.migrate import SQL_DIR, migrate, migration_files
-from tests.conftest import with_database
 
 
 async def test_migrate_twice_and_concurrently_applies_each_file_once(database: str) -> None:
