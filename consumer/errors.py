@@ -2,11 +2,12 @@
 
     FleetError
      ├── ConfigError            settings or schema are wrong; fix and restart
-     ├── SinkUnavailable        PostgreSQL cannot take writes now; pause, keep polling, retry
      └── Fenced                 another member owns a partition of the batch; drop it, re-claim
 
 Bad input is not an exception: the decoder returns a Rejection, which is
-dead-lettered and committed like any reading.
+dead-lettered and committed like any reading. PostgreSQL being unavailable is
+not one either: is_transient() tells the driver's own errors that are worth a
+retry (pause, keep polling, retry) from those that are not.
 """
 
 from __future__ import annotations
@@ -20,12 +21,6 @@ class FleetError(Exception):
 
 class ConfigError(FleetError):
     pass
-
-
-class SinkUnavailable(FleetError):
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(f"database unavailable: {type(cause).__name__}: {cause}")
-        self.cause = cause
 
 
 class Fenced(FleetError):

@@ -67,7 +67,7 @@ class Pipeline:
         self.batches_committed = 0
         self._stop = asyncio.Event()
         self._last_kafka_commit = 0.0
-        self._kafka_offsets: dict[TopicPartition, int] = {}
+        self._kafka_commit_due = False  # offsets stored since the last mirror to Kafka
         self._stored_next: dict[tuple[str, int], int] = {}
         self._failing_writers = 0  # database calls currently retrying
         self._lanes: list[asyncio.Task[None] | None] = [None] * settings.write_lanes
@@ -198,9 +198,9 @@ class Pipeline:
         committed = time.perf_counter()
         self.batches_committed += 1
         self._account(batch, result, write_seconds=committed - started)
-        for (topic, partition), span in batch.offsets.items():
-            self._kafka_offsets[TopicPartition(topic, partition)] = span.next
-            self._stored_next[(topic, partition)] = span.next
+        for tp, span in batch.offsets.items():
+            self._stored_next[tp] = span.next
+        self._kafka_commit_due = True
         await self._commit_to_kafka()
         await self._publish_dead_letters(result)
         self._report_lag()
@@ -383,15 +383,16 @@ class Pipeline:
     async def _commit_to_kafka(self, force: bool = False) -> None:
         """Mirror stored offsets to Kafka for lag tooling; PostgreSQL stays the truth."""
         now = time.monotonic()
-        if not self._kafka_offsets or (
+        if not self._kafka_commit_due or (
             not force and now - self._last_kafka_commit < _KAFKA_COMMIT_INTERVAL_S
         ):
             return
-        assigned = self.consumer.assignment()
         offsets = {
-            tp: OffsetAndMetadata(o, "") for tp, o in self._kafka_offsets.items() if tp in assigned
+            tp: OffsetAndMetadata(self._stored_next[(tp.topic, tp.partition)], "")
+            for tp in self.consumer.assignment()
+            if (tp.topic, tp.partition) in self._stored_next
         }
-        self._kafka_offsets.clear()
+        self._kafka_commit_due = False
         self._last_kafka_commit = now
         if not offsets:
             return

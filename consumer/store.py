@@ -68,11 +68,9 @@ class WriteResult:
 
 _WRITE_SQL = "SELECT * FROM fleet_write_batch(" + ", ".join(f"${i}" for i in range(1, 23)) + ")"
 _NO_OFFSETS: tuple[list[Any], ...] = ([], [], [], [], [])
-_NO_LETTERS: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
 
 
-def _meter_columns(readings: Sequence[Reading]) -> tuple[list[Any], ...]:
-    meters = [r for r in readings if isinstance(r, MeterReading)]
+def _meter_columns(meters: Sequence[MeterReading]) -> tuple[list[Any], ...]:
     return (
         [r.meterId for r in meters],
         [r.kwhConsumedAc for r in meters],
@@ -81,8 +79,7 @@ def _meter_columns(readings: Sequence[Reading]) -> tuple[list[Any], ...]:
     )
 
 
-def _vehicle_columns(readings: Sequence[Reading]) -> tuple[list[Any], ...]:
-    vehicles = [r for r in readings if isinstance(r, VehicleReading)]
+def _vehicle_columns(vehicles: Sequence[VehicleReading]) -> tuple[list[Any], ...]:
     return (
         [r.vehicleId for r in vehicles],
         [r.soc for r in vehicles],
@@ -205,13 +202,12 @@ class Store:
         async with self.pool.acquire() as conn:
             try:
                 # One statement is one transaction: no BEGIN/COMMIT round trips.
-                row = await conn.fetchrow(
-                    _WRITE_SQL,
-                    self.group_id,
-                    *offsets,
-                    *_meter_columns(batch.readings[Stream.METER]),
-                    *_vehicle_columns(batch.readings[Stream.VEHICLE]),
-                    *_letter_columns(batch.dead_letters),
+                row = await self._call(
+                    conn,
+                    offsets,
+                    meters=batch.readings[Stream.METER],
+                    vehicles=batch.readings[Stream.VEHICLE],
+                    letters=batch.dead_letters,
                 )
                 _raise_if_fenced(row)  # a fenced call wrote nothing
             except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
@@ -233,30 +229,17 @@ class Store:
         self, conn: asyncpg.Connection, batch: Batch, offsets: tuple[list[Any], ...]
     ) -> WriteResult:
         """Slow path: each reading under a savepoint; the refused ones become dead letters."""
-        _raise_if_fenced(
-            await conn.fetchrow(
-                _WRITE_SQL,
-                self.group_id,
-                *offsets,
-                *_meter_columns([]),
-                *_vehicle_columns([]),
-                *_NO_LETTERS,
-            )
-        )
+        _raise_if_fenced(await self._call(conn, offsets))
         result = WriteResult(dead_letters=list(batch.dead_letters))
         for stream, readings in batch.readings.items():
             counts = result.counts[stream]
             for reading, source in zip(readings, batch.sources[stream], strict=True):
                 try:
                     async with conn.transaction():  # a savepoint
-                        row = await conn.fetchrow(
-                            _WRITE_SQL,
-                            self.group_id,
-                            *_NO_OFFSETS,
-                            *_meter_columns([reading]),
-                            *_vehicle_columns([reading]),
-                            *_NO_LETTERS,
-                        )
+                        if isinstance(reading, MeterReading):
+                            row = await self._call(conn, meters=[reading])
+                        else:
+                            row = await self._call(conn, vehicles=[reading])
                 except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
                     detail = f"{exc.sqlstate}: {exc}"[:500]
                     rejection = Rejection(Reason.DATABASE_REJECTED, detail, stream)
@@ -266,15 +249,28 @@ class Store:
                 counts.stored += stored
                 counts.duplicate += 1 - stored
                 counts.stale += 1 - (row["meters_live"] + row["vehicles_live"])
-        await conn.fetchrow(
+        await self._call(conn, letters=result.dead_letters)
+        return result
+
+    async def _call(
+        self,
+        conn: asyncpg.Connection,
+        offsets: tuple[list[Any], ...] = _NO_OFFSETS,
+        *,
+        meters: Sequence[Reading] = (),
+        vehicles: Sequence[Reading] = (),
+        letters: Sequence[DeadLetter] = (),
+    ) -> asyncpg.Record:
+        """fleet_write_batch() with whatever part of a batch is given."""
+        row: asyncpg.Record = await conn.fetchrow(
             _WRITE_SQL,
             self.group_id,
-            *_NO_OFFSETS,
-            *_meter_columns([]),
-            *_vehicle_columns([]),
-            *_letter_columns(result.dead_letters),
+            *offsets,
+            *_meter_columns(meters),  # type: ignore[arg-type]  # Batch keeps them by stream
+            *_vehicle_columns(vehicles),  # type: ignore[arg-type]
+            *_letter_columns(letters),
         )
-        return result
+        return row
 
     @staticmethod
     def _offset_columns(
