@@ -90,6 +90,11 @@ async def running_service(settings: Settings) -> AsyncIterator[Service]:
         await service.stop()
 
 
+async def offsets_reach(db: asyncpg.Connection, topic: str, n: int) -> bool:
+    """Whether the offsets stored for topic add up to at least n (n messages consumed)."""
+    return await stored_offsets(db, topic) >= n
+
+
 async def stored_offsets(db: asyncpg.Connection, topic: str) -> int:
     return int(
         await db.fetchval(

@@ -18,9 +18,9 @@ from tests.integration.helpers import (
     meter,
     mixed_fleet,
     newest_by_device,
+    offsets_reach,
     publish_readings,
     running_service,
-    stored_offsets,
     vehicle,
 )
 
@@ -78,11 +78,11 @@ async def test_resent_reading_does_not_double_energy(
     first = [meter("m-1", 0, kwh=2.0), meter("m-1", 1, kwh=3.0), meter("m-1", 1, kwh=3.0)]
     async with running_service(settings):
         await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, first)
-        await wait_until(lambda: _offsets_reach(db, settings.mixed_topic, 3))
+        await wait_until(lambda: offsets_reach(db, settings.mixed_topic, 3))
         await publish_readings(
             settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0, kwh=2.0)]
         )
-        await wait_until(lambda: _offsets_reach(db, settings.mixed_topic, 4))
+        await wait_until(lambda: offsets_reach(db, settings.mixed_topic, 4))
 
     total = await db.fetchval(
         "SELECT sum(kwh_consumed_ac) FROM meter_history WHERE meter_id = 'm-1'"
@@ -99,20 +99,16 @@ async def test_older_reading_arriving_late_leaves_live_unchanged(
         await publish_readings(
             settings.kafka_bootstrap_servers, settings.mixed_topic, [vehicle("v-1", 10, soc=80.0)]
         )
-        await wait_until(lambda: _offsets_reach(db, settings.mixed_topic, 1))
+        await wait_until(lambda: offsets_reach(db, settings.mixed_topic, 1))
         await publish_readings(
             settings.kafka_bootstrap_servers, settings.mixed_topic, [vehicle("v-1", 5, soc=40.0)]
         )
-        await wait_until(lambda: _offsets_reach(db, settings.mixed_topic, 2))
+        await wait_until(lambda: offsets_reach(db, settings.mixed_topic, 2))
 
     live = await db.fetchrow("SELECT soc, \"timestamp\" FROM vehicle_live WHERE vehicle_id = 'v-1'")
     assert live["soc"] == 80
     assert live["timestamp"].isoformat() == vehicle("v-1", 10)["timestamp"]
     assert await db.fetchval("SELECT count(*) FROM vehicle_history") == 2
-
-
-async def _offsets_reach(db: asyncpg.Connection, topic: str, n: int) -> bool:
-    return await stored_offsets(db, topic) >= n
 
 
 async def test_metrics_and_health_are_served_while_consuming(settings: Settings) -> None:

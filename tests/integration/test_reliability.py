@@ -28,6 +28,7 @@ from tests.integration.helpers import (
     mixed_fleet,
     publish,
     running_service,
+    stored_offsets,
 )
 from tests.integration.processes import ConsumerProcess, TcpProxy
 
@@ -209,10 +210,7 @@ async def _owner_committed(db: asyncpg.Connection, member: ConsumerProcess) -> b
 
 
 async def _offsets_at(db: asyncpg.Connection, settings: Settings, n: int) -> bool:
-    stored = await db.fetchval(
-        "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1", settings.mixed_topic
-    )
-    return stored == n
+    return await stored_offsets(db, settings.mixed_topic) == n
 
 
 async def test_a_broker_that_lost_its_log_is_noticed_and_consumption_resumes(

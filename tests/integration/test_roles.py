@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from consumer.service import Role, Service
 from consumer.settings import Settings
 from tests.conftest import wait_until
-from tests.integration.helpers import meter, stored_offsets
+from tests.integration.helpers import meter, offsets_reach
 
 
 async def _get(base: str, path: str) -> tuple[int, Any]:
@@ -68,16 +68,12 @@ async def test_a_reading_posted_to_the_api_is_consumed_into_history(
         url = f"http://127.0.0.1:{settings.http_port}/v1/ingestion/telemetry"
         async with aiohttp.ClientSession() as http, http.post(url, json=meter("m-http", 0)) as resp:
             assert (resp.status, (await resp.json())["accepted"]) == (202, 1)
-        await wait_until(lambda: _stored_any(db, settings.meter_topic))
+        await wait_until(lambda: offsets_reach(db, settings.meter_topic, 1))
     finally:
         service.pipeline.stop()
         await runner
         await service.stop()
     assert await db.fetchval("SELECT count(*) FROM meter_history WHERE meter_id = 'm-http'") == 1
-
-
-async def _stored_any(db: asyncpg.Connection, topic: str) -> bool:
-    return await stored_offsets(db, topic) >= 1
 
 
 async def test_api_connected_as_the_fleet_api_role_reads_and_assigns_but_cannot_write_data(
