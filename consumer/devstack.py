@@ -7,6 +7,8 @@ the machine has none. Both are dev extras; the service itself never imports this
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import time
@@ -127,3 +129,85 @@ def start_embedded_postgres(data_dir: Path) -> str:
     server = pgserver.get_server(str(data_dir), cleanup_mode=None)  # type: ignore[attr-defined]
     uri: str = server.get_uri()
     return uri
+
+
+def _postgres_bindir() -> Path:
+    """Where initdb and pg_ctl live: pg_config's answer, else the first on PATH."""
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        found = subprocess.run(  # noqa: S603 -- the machine's own pg_config
+            [pg_config, "--bindir"], capture_output=True, text=True, check=True
+        )
+        bindir = Path(found.stdout.strip())
+        if (bindir / "initdb").exists():
+            return bindir
+    initdb = shutil.which("initdb")
+    if initdb is None:
+        raise FileNotFoundError("no initdb: install PostgreSQL's server binaries")
+    return Path(initdb).resolve().parent
+
+
+@dataclass
+class LocalPostgres:
+    """A private PostgreSQL server in data_dir on 127.0.0.1:port, trust auth.
+
+    For what the shared server must not suffer: the chaos harness stops and
+    restarts it mid-write, the TLS tests reconfigure it. PostgreSQL refuses to
+    run as root, so as root the cluster belongs to the `postgres` user.
+    """
+
+    data_dir: Path
+    port: int
+    log_path: Path
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(  # noqa: S603 -- PostgreSQL's own tools, our arguments
+            [*as_user, str(_postgres_bindir() / args[0]), *args[1:]],
+            check=True,
+            capture_output=True,
+        )
+
+    def init(self, config: dict[str, str] | None = None) -> LocalPostgres:
+        """initdb, then append `config` (postgresql.conf settings) to the defaults."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.touch()
+        if os.geteuid() == 0:
+            shutil.chown(self.data_dir, "postgres")
+            shutil.chown(self.log_path, "postgres")
+        self._run(
+            "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8"
+        )
+        settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.data_dir}'",
+        } | (config or {})
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        return self
+
+    def start(self) -> LocalPostgres:
+        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_path), "-w", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """mode `immediate` is a crash: no checkpoint, open transactions cut, WAL replay on start."""
+        self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.data_dir / "postmaster.pid").exists()
+
+
+def start_local_postgres(root: Path, config: dict[str, str] | None = None) -> LocalPostgres:
+    """A new cluster in a fresh directory under root, started."""
+    root.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        root.chmod(0o755)  # the postgres user must reach its data directory
+    port = free_port()
+    server = LocalPostgres(root / f"pg-{port}", port, root / f"pg-{port}.log")
+    return server.init(config).start()
