@@ -7,10 +7,15 @@
 Bad input is not an exception: the decoder returns a Rejection, which is
 dead-lettered and committed like any reading. PostgreSQL being unavailable is
 not one either: is_transient() tells the driver's own errors that are worth a
-retry (pause, keep polling, retry) from those that are not.
+retry (pause, keep polling, retry) from those that are not, and
+is_misconfiguration() picks out the connection failures that only a change of
+settings can fix (TLS that does not verify or is not offered), which start-up
+turns into a ConfigError instead of waiting for ever.
 """
 
 from __future__ import annotations
+
+import ssl
 
 import asyncpg
 
@@ -35,8 +40,32 @@ class Fenced(FleetError):
 _RETRIABLE_SQLSTATE_CLASSES = ("08", "53", "57", "40")
 
 
+# Handshakes cut short by the network or a restarting server: worth a retry.
+_TLS_CONNECTION_LOST = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+# Certificate, key or CA files named in the connection settings.
+_LOCAL_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_misconfiguration(exc: BaseException) -> bool:
+    """True for connection failures that a retry cannot fix, only new settings.
+
+    A certificate that does not verify (wrong CA, a name it does not carry), a
+    server that refuses TLS which the sslmode requires, an unreadable certificate
+    file, an sslmode asyncpg does not know. Many of these are OSErrors, which
+    would otherwise count as a network outage.
+    """
+    if isinstance(exc, ssl.SSLError):
+        return not isinstance(exc, _TLS_CONNECTION_LOST)
+    if isinstance(exc, (asyncpg.ClientConfigurationError, *_LOCAL_FILE_ERRORS)):
+        return True
+    # asyncpg's words when the server answers "no TLS here" and the sslmode requires it.
+    return isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same write later can succeed."""
+    if is_misconfiguration(exc):
+        return False
     if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
         return True  # refused, reset, closed mid-query, pool closing
     if isinstance(exc, asyncpg.PostgresError):

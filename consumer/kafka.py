@@ -5,14 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
+import time
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
+from consumer.errors import ConfigError
 from consumer.metrics import CONSUMER_LAG
 from consumer.settings import Settings
 from consumer.store import Claim
@@ -25,9 +30,64 @@ def member_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def security_kwargs(settings: Settings, client: str = "kafka") -> dict[str, Any]:
+    """aiokafka's transport arguments from FLEET_KAFKA_*, the same for every client.
+
+    Settings has refused incomplete combinations already; this loads the TLS files
+    (a ConfigError when they do not load) and warns, naming `client`, when a password
+    would cross the network in clear text or a broker's name goes unchecked.
+    """
+    protocol = settings.kafka_security_protocol
+    kwargs: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = _ssl_context(settings)
+        if not settings.kafka_ssl_check_hostname:
+            log.warning("kafka_hostname_not_verified", client=client, security_protocol=protocol)
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        password = settings.kafka_sasl_password
+        if password is None or not settings.kafka_sasl_username:  # Settings refuses this
+            raise ConfigError(f"{protocol} needs a SASL username and password")
+        kwargs |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,  # SCRAM's too
+            "sasl_plain_password": password.get_secret_value(),
+        }
+        if protocol == "SASL_PLAINTEXT" and settings.kafka_sasl_mechanism == "PLAIN":
+            log.warning(
+                "kafka_password_in_clear_text",
+                client=client,
+                security_protocol=protocol,
+                sasl_mechanism="PLAIN",
+                advice="use SASL_SSL, or a SCRAM mechanism",
+            )
+    return kwargs
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Verifies the broker's certificate (and, by default, its name) against the CA file."""
+    key_password = settings.kafka_ssl_key_password
+    try:
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=settings.kafka_ssl_cafile,  # None: the system's trusted CAs
+            certfile=settings.kafka_ssl_certfile,
+            keyfile=settings.kafka_ssl_keyfile,
+            # Always a callable: an encrypted key without a password fails here
+            # instead of OpenSSL prompting on the terminal.
+            password=lambda: key_password.get_secret_value() if key_password else "",
+        )
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"the Kafka TLS files (FLEET_KAFKA_SSL_*) do not load: {exc!r}; "
+            "expected PEM: a CA bundle, a client certificate and its key"
+        ) from exc
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    return context
+
+
 def make_consumer(settings: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
+        **security_kwargs(settings, "consumer"),
         group_id=settings.group_id,
         client_id=f"fleet-consumer-{member_name()}",
         enable_auto_commit=False,  # offsets are stored in PostgreSQL with the data
@@ -45,6 +105,7 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
+        **security_kwargs(settings, "producer"),
         client_id=f"fleet-producer-{member_name()}",
         acks="all",
         enable_idempotence=settings.kafka_idempotent_producer,
@@ -52,9 +113,19 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
-async def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int) -> None:
-    """Create topics that do not exist yet (demo, tests, benchmarks; ops own real clusters)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+async def ensure_topics(
+    bootstrap_servers: str,
+    topics: Iterable[str],
+    partitions: int,
+    *,
+    settings: Settings | None = None,
+) -> None:
+    """Create topics that do not exist yet (demo, tests, benchmarks; ops own real clusters).
+
+    The admin client connects as `settings` say (FLEET_KAFKA_SECURITY_*); without: plaintext.
+    """
+    security = security_kwargs(settings, "admin") if settings is not None else {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -73,16 +144,36 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
     PostgreSQL (bumping their fence), seeks to the stored offsets and resumes.
     Revoked partitions are simply forgotten: the fence makes any batch of
     theirs still in flight fail to commit, so nothing here needs the database.
+
+    A partition can also be deferred: pending, but not to be claimed before a
+    given time (see Pipeline._write); a rebalance that revokes or assigns it
+    ends the deferral.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
         self.pending: set[TopicPartition] = set()
         self.claims: dict[tuple[str, int], Claim] = {}
+        self._not_before: dict[TopicPartition, float] = {}
+
+    def defer(self, tp: TopicPartition, seconds: float) -> None:
+        self.pending.add(tp)
+        self._not_before[tp] = time.monotonic() + seconds
+
+    def due(self) -> list[TopicPartition]:
+        """The pending partitions to claim now, in claim order."""
+        now = time.monotonic()
+        return sorted(tp for tp in self.pending if self._not_before.get(tp, 0.0) <= now)
+
+    def claimed(self, tp: TopicPartition, claim: Claim) -> None:
+        self.claims[(tp.topic, tp.partition)] = claim
+        self.pending.discard(tp)
+        self._not_before.pop(tp, None)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
             self.pending.discard(tp)
+            self._not_before.pop(tp, None)
             self.claims.pop((tp.topic, tp.partition), None)
             with contextlib.suppress(KeyError):  # no lag reported yet for it
                 CONSUMER_LAG.remove(tp.topic, str(tp.partition))

@@ -24,7 +24,7 @@ from consumer.api.deps import ApiDeps
 from consumer.api.ingestion import ingestion_routes
 from consumer.api.openapi import openapi_routes
 from consumer.api.security import security_middlewares
-from consumer.errors import ConfigError, is_transient
+from consumer.errors import ConfigError, is_misconfiguration, is_transient
 from consumer.kafka import PartitionTracker, make_consumer, make_producer, member_name
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
@@ -44,9 +44,14 @@ async def _until_up(
     while True:
         try:
             return await connect()
-        except (KafkaConnectionError, OSError) as exc:
+        except KafkaConnectionError as exc:
             error = repr(exc)
         except Exception as exc:
+            if is_misconfiguration(exc):  # e.g. TLS that does not verify: waiting cannot help
+                raise ConfigError(
+                    f"cannot connect to the {what}: {exc!r}; check its TLS settings "
+                    "(sslmode, sslrootcert, sslcert, sslkey) and certificates"
+                ) from exc
             if not is_transient(exc):
                 raise
             error = repr(exc)

@@ -1,15 +1,55 @@
-"""Settings: the only reader of the environment (``FLEET_`` prefix), frozen once built."""
+"""Settings: the only reader of the environment (``FLEET_`` prefix), frozen once built.
+
+Secrets from files: every setting can also be read from a file named like its
+environment variable (``FLEET_KAFKA_SASL_PASSWORD``, ``FLEET_DATABASE_URL``, ...;
+the name's case does not matter) in the directory ``FLEET_SECRETS_DIR``, else in
+``/run/secrets`` when that exists (Docker and Compose secrets). The file's content,
+stripped of surrounding whitespace, is the value; an environment variable of the
+same name wins over the file. Secrets are SecretStr: masked in repr, str and logs,
+and validation errors never echo their input.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, FilePath, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+_DEFAULT_SECRETS_DIR = Path("/run/secrets")
+
+
+def _secrets_dir() -> Path | None:
+    """FLEET_SECRETS_DIR (which must exist), else /run/secrets if present, else none."""
+    configured = os.environ.get("FLEET_SECRETS_DIR")
+    if configured:
+        path = Path(configured)
+        if not path.is_dir():
+            raise SettingsError(f"FLEET_SECRETS_DIR={configured} is not a directory")
+        return path
+    return _DEFAULT_SECRETS_DIR if _DEFAULT_SECRETS_DIR.is_dir() else None
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEET_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_",
+        frozen=True,
+        extra="ignore",
+        # A validation error would otherwise quote the raw input, secrets included.
+        hide_input_in_errors=True,
+    )
 
-    # Connections. The DSN is a secret: it may carry a password.
+    # Connections. The DSN is a secret: it may carry a password. TLS to PostgreSQL is
+    # the DSN's: ?sslmode=verify-full&sslrootcert=/ca.pem (also sslcert, sslkey), else
+    # PGSSLMODE; asyncpg's default is `prefer`, which may fall back to plaintext.
     kafka_bootstrap_servers: str = "localhost:9092"
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/fleet")
 
@@ -35,6 +75,25 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+
+    # --- Kafka transport security: every client (consumer, producer, admin, simulator) ---
+    # PLAINTEXT; SSL (TLS); SASL_SSL (TLS, then a login); SASL_PLAINTEXT (a login
+    # without TLS, warned about with PLAIN since the password crosses in clear).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    # SASL only; aiokafka's default. The password is a secret: env or secrets file.
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    # TLS only. CA bundle (PEM) that signed the brokers' certificates; unset: the
+    # system's trusted CAs. Client certificate and key (PEM) for mutual TLS; the key's
+    # passphrase is a secret. Files must exist when the settings are read.
+    kafka_ssl_cafile: FilePath | None = None
+    kafka_ssl_certfile: FilePath | None = None
+    kafka_ssl_keyfile: FilePath | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    # Check the broker's name against its certificate; turn off only for brokers
+    # addressed by a name their certificate lacks (warned about at start).
+    kafka_ssl_check_hostname: bool = True
 
     # Producer for the dead-letter topic (and, later, HTTP ingestion).
     # Leave on for real clusters; the embedded tansu broker does not support it.
@@ -86,6 +145,65 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool | None = None  # None: JSON unless stdout is a terminal
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then secret files (see the module docstring)."""
+        secrets_dir = _secrets_dir()
+        if secrets_dir is not None:
+            file_secret_settings = SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> Settings:
+        """Refuse combinations that would fail at the broker, or quietly not do what they say."""
+        protocol = self.kafka_security_protocol
+        chosen = f"FLEET_KAFKA_SECURITY_PROTOCOL={protocol}"
+        credentials = {
+            "FLEET_KAFKA_SASL_USERNAME": bool(self.kafka_sasl_username),
+            "FLEET_KAFKA_SASL_PASSWORD": bool(
+                self.kafka_sasl_password and self.kafka_sasl_password.get_secret_value()
+            ),
+        }
+        if protocol.startswith("SASL_"):
+            missing = [name for name, given in credentials.items() if not given]
+            if missing:
+                raise ValueError(f"{chosen} needs {' and '.join(missing)}")
+        elif any(credentials.values()):
+            given = [name for name, is_set in credentials.items() if is_set]
+            raise ValueError(
+                f"{' and '.join(given)} set, but {chosen} does not log in: "
+                "use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        tls_files = {
+            "FLEET_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "FLEET_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "FLEET_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+            "FLEET_KAFKA_SSL_KEY_PASSWORD": self.kafka_ssl_key_password,
+        }
+        if protocol not in ("SSL", "SASL_SSL"):
+            given = [name for name, value in tls_files.items() if value is not None]
+            if not self.kafka_ssl_check_hostname:
+                given.append("FLEET_KAFKA_SSL_CHECK_HOSTNAME=false")
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} set, but {chosen} does not use TLS: use SSL or SASL_SSL"
+                )
+        if self.kafka_ssl_certfile is None and (
+            self.kafka_ssl_keyfile is not None or self.kafka_ssl_key_password is not None
+        ):
+            raise ValueError(
+                "FLEET_KAFKA_SSL_KEYFILE and FLEET_KAFKA_SSL_KEY_PASSWORD belong to a client "
+                "certificate: set FLEET_KAFKA_SSL_CERTFILE too"
+            )
+        return self
 
     @property
     def topics(self) -> tuple[str, str, str]:

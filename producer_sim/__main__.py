@@ -21,16 +21,19 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from consumer.errors import ConfigError
+from consumer.kafka import security_kwargs
 from consumer.settings import Settings
 from producer_sim.assignments import write_assignments
 from producer_sim.faults import Faults, FaultyRun, Truth
@@ -118,6 +121,7 @@ async def publish(  # noqa: PLR0917 -- positional order is the contract callers 
     realtime: bool = False,
     progress: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    security: Mapping[str, Any] | None = None,
 ) -> int:
     """Publish every message of the run and wait for all acknowledgements; return the count.
 
@@ -127,7 +131,8 @@ async def publish(  # noqa: PLR0917 -- positional order is the contract callers 
     than k intervals after the first (backfill, the default, sends as fast as the broker
     takes it). ``progress`` is called with the running count as batches are handed over.
     Once ``stop`` is set no further message is taken; what was taken is still
-    acknowledged, and that count is returned.
+    acknowledged, and that count is returned. ``security`` is the producer's transport
+    (``consumer.kafka.security_kwargs``); default: plaintext.
 
     Records are packed into per-partition batches here rather than sent one by one:
     ``producer.send()`` costs a coroutine and a future per record, which caps a single
@@ -154,6 +159,7 @@ async def publish(  # noqa: PLR0917 -- positional order is the contract callers 
         )
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
+        **(security or {}),
         client_id="fleet-producer-sim",
         acks="all",
         enable_idempotence=idempotent,
@@ -381,6 +387,7 @@ async def _main(
             realtime=args.realtime,
             progress=progress,
             stop=stop,
+            security=security_kwargs(settings, "simulator"),  # FLEET_KAFKA_SECURITY_* etc.
         )
     finally:
         progress.done()
@@ -416,9 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     settings = Settings()
+    # stdout carries the summary; warnings (an insecure Kafka transport, say) go to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
         summary = asyncio.run(_main(args, settings, faults))
-    except (KafkaError, OSError, asyncpg.PostgresError) as exc:
+    except (KafkaError, OSError, asyncpg.PostgresError, ConfigError) as exc:
         print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), file=sys.stderr)
         return 1
     print(json.dumps(summary))
