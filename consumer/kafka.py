@@ -186,6 +186,7 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
             self._consumer.pause(*assigned)
         for tp in assigned:
             self.claims.pop((tp.topic, tp.partition), None)  # a fence from before is stale
+            self._not_before.pop(tp, None)
         self.pending |= set(assigned)
         log.info(
             "partitions_assigned",

@@ -175,7 +175,7 @@ class Pipeline:
                 break
             for records in fetched.values():
                 messages.extend(records)
-            if self.tracker.pending:
+            if self.tracker.due():
                 break  # a rebalance happened: claim before reading on
         return messages
 
@@ -191,7 +191,10 @@ class Pipeline:
         except Fenced as exc:
             metrics.FENCED_BATCHES.inc()
             log.warning("batch_fenced", partitions=exc.partitions, records=len(batch))
-            self._reclaim_partitions(batch.offsets)
+            # Another member claimed them: most likely we were expelled from the group
+            # (stopped, partitioned) and will hear so at our next heartbeat. Re-claiming at
+            # once would take them back from their new owner; wait out a session timeout.
+            self._reclaim_partitions(batch.offsets, after=self.settings.session_timeout_ms / 1000)
             return
         if result is None:  # stopping while the database is down: the next owner re-reads it
             return
@@ -219,8 +222,7 @@ class Pipeline:
 
     async def _claim_pending(self) -> None:
         """Claim newly assigned partitions in PostgreSQL, seek to the stored offsets, resume."""
-        while self.tracker.pending and not self._stop.is_set():
-            pending = sorted(self.tracker.pending)
+        while (pending := self.tracker.due()) and not self._stop.is_set():
             claims = await self._with_sink_retry(
                 functools.partial(self.store.claim, [(tp.topic, tp.partition) for tp in pending]),
                 wait=self._idle_in_group,
@@ -236,9 +238,8 @@ class Pipeline:
                     await self.consumer.seek_to_beginning(tp)
                 else:
                     self.consumer.seek(tp, claim.next_offset)
-                self.tracker.claims[(tp.topic, tp.partition)] = claim
+                self.tracker.claimed(tp, claim)
                 self._stored_next[(tp.topic, tp.partition)] = claim.next_offset or 0
-                self.tracker.pending.discard(tp)
                 self.consumer.resume(tp)
             log.info("partitions_claimed", partitions=[f"{t}-{p}" for t, p in claims])
 
@@ -289,15 +290,18 @@ class Pipeline:
             self.consumer.seek(tp, start)
             self._stored_next[key] = start
 
-    def _reclaim_partitions(self, partitions: Iterable[tuple[str, int]]) -> None:
-        """Forget our claims; what is still assigned is re-claimed and re-read from stored offsets."""
+    def _reclaim_partitions(
+        self, partitions: Iterable[tuple[str, int]], *, after: float = 0.0
+    ) -> None:
+        """Forget our claims; what is still assigned (`after` seconds from now, unless a
+        rebalance decides first) is re-claimed and re-read from stored offsets."""
         assigned = self.consumer.assignment()
         for topic, partition in partitions:
             tp = TopicPartition(topic, partition)
             self.tracker.claims.pop((topic, partition), None)
             if tp in assigned:
                 self.consumer.pause(tp)
-                self.tracker.pending.add(tp)
+                self.tracker.defer(tp, after)
 
     async def _with_sink_retry(
         self, attempt: Callable[[], Awaitable[T]], wait: Callable[[float], Awaitable[None]]

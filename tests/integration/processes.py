@@ -55,7 +55,11 @@ class ConsumerProcess:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:port to PostgreSQL; cut() drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:port to PostgreSQL; cut() drops every connection and refuses new ones.
+
+    hold() keeps what clients send from reaching the server (it is buffered, and counted in
+    held_bytes) until release(): a statement "in flight" for as long as a test needs.
+    """
 
     def __init__(self, dsn: str) -> None:
         parts = urlsplit(dsn)
@@ -67,6 +71,9 @@ class TcpProxy:
         self.dsn = urlunsplit(parts._replace(netloc=netloc, query=""))
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self.held_bytes = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -79,6 +86,13 @@ class TcpProxy:
             writer.transport.abort()
         self._writers.clear()
 
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+        self.held_bytes = 0
+
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
             if self._unix_path:
@@ -89,11 +103,18 @@ class TcpProxy:
             client_w.transport.abort()
             return
         self._writers |= {client_w, up_w}
-        await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w))
+        await asyncio.gather(
+            self._pipe(client_r, up_w, to_server=True), self._pipe(up_r, client_w, to_server=False)
+        )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, to_server: bool
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if to_server and not self._flowing.is_set():
+                    self.held_bytes += len(data)
+                    await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from datetime import UTC, datetime
 
@@ -270,3 +271,62 @@ async def test_an_outage_longer_than_max_poll_interval_does_not_cost_the_partiti
     finally:
         await proxy.cut()
     await assert_exactly_once(db, settings, readings, [*messages, extra])
+
+
+async def test_a_zombie_stopped_mid_write_is_fenced_when_it_wakes(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """SIGSTOP a consumer while its batch is on its way to PostgreSQL, for longer than the
+    session timeout; another member takes the partitions and commits; SIGCONT: the stale
+    batch reaches the server and is refused by the fence. Nothing lost, nothing twice."""
+    proxy = TcpProxy(settings.database_url.get_secret_value())
+    await proxy.start()
+    readings, messages = stream_with_rejects(meters=20, vehicles=20, rounds=15)
+    third = len(messages) // 3
+    bootstrap = settings.kafka_bootstrap_servers
+    await publish(bootstrap, settings.mixed_topic, messages[:third])
+    zombie = ConsumerProcess(
+        settings.model_copy(update={"database_url": SecretStr(proxy.dsn)}), "zombie"
+    )
+    successor: ConsumerProcess | None = None
+    try:
+        await wait_until(lambda: _offsets_at(db, settings, third))
+        proxy.hold()  # the zombie's next write leaves it but does not reach the server
+        await publish(bootstrap, settings.mixed_topic, messages[third : 2 * third])
+        await wait_until(lambda: _held(proxy))
+        zombie.signal(signal.SIGSTOP)
+        successor = ConsumerProcess(settings, "successor")
+        await wait_until(lambda: _offsets_at(db, settings, 2 * third), timeout=90)
+        proxy.release()  # the stale write arrives now, with the zombie's old fence
+        await asyncio.sleep(1)
+        zombie.signal(signal.SIGCONT)
+        await wait_until(lambda: _logged(zombie, "batch_fenced"))
+        await publish(bootstrap, settings.mixed_topic, messages[2 * third :])
+        await wait_until(lambda: _logged(zombie, "partitions_assigned", after="batch_fenced"))
+        await wait_until(lambda: _offsets_at(db, settings, len(messages)), timeout=90)
+    finally:
+        for member in (zombie, successor):
+            if member is not None:
+                member.signal(signal.SIGCONT)
+                member.kill()
+        await proxy.cut()
+    await assert_exactly_once(db, settings, readings, messages)
+    # Woken, it waits for the group's verdict instead of taking back what it was fenced from.
+    woken = _events(zombie)[_events(zombie).index("batch_fenced") :]
+    assert "partitions_claimed" not in woken[: woken.index("partitions_assigned")]
+
+
+async def _held(proxy: TcpProxy) -> bool:
+    return proxy.held_bytes > 0
+
+
+def _events(member: ConsumerProcess) -> list[str]:
+    lines = member.output().splitlines()
+    return [json.loads(line)["event"] for line in lines if line.startswith("{")]
+
+
+async def _logged(member: ConsumerProcess, event: str, after: str | None = None) -> bool:
+    events = _events(member)
+    if after is not None:
+        events = events[events.index(after) :] if after in events else []
+    return event in events
