@@ -260,19 +260,27 @@ async def put_assignment(request: web.Request) -> web.Response:
     conflict = ApiError(
         409, "assignment_conflict", "the vehicle already has a meter from that time on"
     )
-    async with _deps(request).require_pool().acquire() as conn, conn.transaction():
-        await conn.execute(sql.LOCK_VEHICLE_ASSIGNMENTS, vehicle_id)
-        current = await conn.fetchrow(sql.OPEN_ASSIGNMENT, vehicle_id)
-        if current is not None:
-            if current["meter_id"] == meter_id and current["valid_from"] == start:
-                return web.json_response(body, status=200)  # a repeat: nothing to change
-            if current["valid_from"] >= start:
-                raise conflict
-            await conn.execute(sql.CLOSE_ASSIGNMENT, vehicle_id, current["valid_from"], start)
-        try:
-            await conn.execute(sql.OPEN_NEW_ASSIGNMENT, vehicle_id, meter_id, start)
-        except asyncpg.ExclusionViolationError:  # the trigger: overlaps a closed assignment
-            raise conflict from None
+    try:
+        async with _deps(request).require_pool().acquire() as conn, conn.transaction():
+            await conn.execute(sql.LOCK_VEHICLE_ASSIGNMENTS, vehicle_id)
+            current = await conn.fetchrow(sql.OPEN_ASSIGNMENT, vehicle_id)
+            if current is not None:
+                if current["meter_id"] == meter_id and current["valid_from"] == start:
+                    return web.json_response(body, status=200)  # a repeat: nothing to change
+                if current["valid_from"] >= start:
+                    raise conflict
+                await conn.execute(sql.CLOSE_ASSIGNMENT, vehicle_id, current["valid_from"], start)
+            try:
+                await conn.execute(sql.OPEN_NEW_ASSIGNMENT, vehicle_id, meter_id, start)
+            except asyncpg.ExclusionViolationError:  # the trigger: overlaps a closed assignment
+                raise conflict from None
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError):
+        # A login without write grants (sql/009's fleet_reader), or a read-only replica.
+        raise ApiError(
+            403,
+            "read_only",
+            "the API's database role may not write: meter assignments are read-only here",
+        ) from None
     return web.json_response(body, status=201)
 
 

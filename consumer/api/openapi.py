@@ -355,6 +355,10 @@ PATHS: dict[str, Schema] = {
                 "201": _json(_ref("Assignment"), "The assignment was created."),
                 "400": _error("invalid_body, invalid_meter_id, invalid_from, invalid_vehicle_id."),
                 "401": _UNAUTHORIZED,
+                "403": _error(
+                    "read_only: the API's database role may not write (a read-only login or "
+                    "a replica); nothing was changed."
+                ),
                 "409": _error("assignment_conflict: it contradicts a later assignment."),
                 "429": _RATE_LIMITED,
                 "503": _DB_UNAVAILABLE,
