@@ -7,6 +7,8 @@ import asyncio
 import sys
 
 import structlog
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from consumer.errors import ConfigError
 from consumer.log import configure_logging
@@ -41,7 +43,12 @@ async def _run(settings: Settings, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except (ValidationError, SettingsError) as exc:
+        # Plain words on stderr, no traceback; inputs are hidden, so no secret is echoed.
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_json)
     log = structlog.get_logger("consumer")
     try:

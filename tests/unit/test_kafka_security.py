@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,32 @@ async def test_every_client_factory_passes_the_security_settings_to_aiokafka(pki
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ({"FLEET_BATCH_MAX_RECORDS": "0"}, "batch_max_records"),
+        (
+            {"FLEET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "FLEET_KAFKA_SASL_USERNAME": "ingest"},
+            "FLEET_KAFKA_SASL_PASSWORD",
+        ),
+    ],
+)
+def test_run_with_invalid_settings_exits_2_with_the_reason_and_no_secret(
+    setting: dict[str, str], named: str
+) -> None:
+    """A bad FLEET_ value stops `python -m consumer` with plain words, not a traceback."""
+    env = {"PATH": "/usr/bin:/bin", "FLEET_DATABASE_URL": "postgresql://u:hunter2@db/x"} | setting
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("configuration error")
+    assert named in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
