@@ -161,7 +161,13 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._not_before[tp] = time.monotonic() + seconds
 
     def due(self) -> list[TopicPartition]:
-        """The pending partitions to claim now, in claim order."""
+        """The pending partitions to claim now, in claim order. A pending partition that is
+        no longer assigned (it was set aside while a rebalance took it) is dropped: claiming
+        it would fence its new owner, and the group gives it back through on_partitions_assigned."""
+        assigned = self._consumer.assignment()
+        for tp in self.pending - assigned:
+            self.pending.discard(tp)
+            self._not_before.pop(tp, None)
         now = time.monotonic()
         return sorted(tp for tp in self.pending if self._not_before.get(tp, 0.0) <= now)
 
