@@ -68,6 +68,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
         return True  # refused, reset, closed mid-query, pool closing
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True  # a session ended mid-operation; Store closes that connection
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate or "")[:2] in _RETRIABLE_SQLSTATE_CLASSES
     return False

@@ -25,7 +25,8 @@ only the refused readings become dead letters.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -137,6 +138,18 @@ class Store:
         )
         return cls(pool, group_id, owner)
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection. One whose session the server ended in the middle of an
+        operation (a restart, pg_terminate_backend) can leave the client's protocol state
+        behind (InternalClientError, MagicStack/asyncpg#1069): it is closed, not pooled."""
+        async with self.pool.acquire() as conn:
+            try:
+                yield conn
+            except asyncpg.InternalClientError:
+                conn.terminate()
+                raise
+
     async def close(self, timeout: float = 10.0) -> None:
         try:
             await asyncio.wait_for(self.pool.close(), timeout)
@@ -144,11 +157,11 @@ class Store:
             self.pool.terminate()
 
     async def ping(self) -> None:
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             await conn.fetchval("SELECT 1")
 
     async def prepare_partitions(self, months_back: int, months_ahead: int) -> int:
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             created: int = await conn.fetchval(
                 "SELECT fleet_prepare_history_partitions($1, $2)", months_back, months_ahead
             )
@@ -156,7 +169,7 @@ class Store:
 
     async def drop_history_before(self, cutoff: datetime) -> list[str]:
         """Drop the monthly history partitions entirely older than cutoff; their names."""
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             dropped: list[str] = await conn.fetchval(
                 "SELECT fleet_drop_history_partitions($1)", cutoff
             )
@@ -164,14 +177,14 @@ class Store:
 
     async def default_partition_rows(self) -> tuple[int, int]:
         """(meter, vehicle) readings outside every prepared month."""
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             row = await conn.fetchrow("SELECT * FROM fleet_history_default_rows()")
         return int(row["meter_rows"]), int(row["vehicle_rows"])
 
     async def claim(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, Claim]:
         """Take over partitions: bump their fence (waiting out any writer) and read the offsets."""
         ordered = sorted(set(partitions))  # one lock order for every member: no deadlocks
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch(
                 _CLAIM_SQL,
                 self.group_id,
@@ -184,7 +197,7 @@ class Store:
     async def reset_offset(self, tp: TopicPartition, claim: Claim, next_offset: int) -> bool:
         """Move a claimed partition's stored offset (the log it pointed into is gone);
         False when another member has claimed it since."""
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             status: str = await conn.execute(
                 "UPDATE consumer_offsets SET next_offset = $4, updated_at = now() "
                 'WHERE group_id = $1 AND topic = $2 AND "partition" = $3 AND fence = $5',
@@ -199,7 +212,7 @@ class Store:
     async def write(self, batch: Batch, claims: dict[TopicPartition, Claim]) -> WriteResult:
         """Write one batch in one transaction (see the module docstring)."""
         offsets = self._offset_columns(batch.offsets, claims)
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             try:
                 # One statement is one transaction: no BEGIN/COMMIT round trips.
                 row = await self._call(
