@@ -43,6 +43,7 @@ TOPIC_MODES = ("mixed", "dedicated")
 # Delivery futures held at once (one per record batch, each up to 256 KiB): enough to
 # keep every partition busy, few enough to bound memory and surface a failure early.
 MAX_BATCHES_IN_FLIGHT = 64
+_RATE_STEP = 500  # messages sent between two checks of a --rate
 
 
 class _Sender:
@@ -122,6 +123,7 @@ async def publish(  # noqa: PLR0917 -- positional order is the contract callers 
     progress: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
     security: Mapping[str, Any] | None = None,
+    rate: float | None = None,
 ) -> int:
     """Publish every message of the run and wait for all acknowledgements; return the count.
 
@@ -132,7 +134,8 @@ async def publish(  # noqa: PLR0917 -- positional order is the contract callers 
     takes it). ``progress`` is called with the running count as batches are handed over.
     Once ``stop`` is set no further message is taken; what was taken is still
     acknowledged, and that count is returned. ``security`` is the producer's transport
-    (``consumer.kafka.security_kwargs``); default: plaintext.
+    (``consumer.kafka.security_kwargs``); default: plaintext. ``rate`` caps a backfill at
+    that many messages per second, sent in small steps: readings that keep arriving.
 
     Records are packed into per-partition batches here rather than sent one by one:
     ``producer.send()`` costs a coroutine and a future per record, which caps a single
@@ -195,6 +198,11 @@ async def publish(  # noqa: PLR0917 -- positional order is the contract callers 
             full = sender.add(key, value, is_meter)
             if full is not None:
                 await sender.ship(*full)
+            if rate is not None and sender.sent % _RATE_STEP == 0:
+                await sender.flush()
+                ahead = began + sender.sent / rate - asyncio.get_running_loop().time()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), ahead)
         await sender.flush()
         return sender.sent
     finally:
@@ -221,6 +229,13 @@ def _positive_seconds(text: str) -> float:
     value = float(text)
     if not value > 0:  # also rejects NaN
         raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _positive_rate(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also rejects NaN
+        raise argparse.ArgumentTypeError("must be a positive number of messages per second")
     return value
 
 
@@ -263,6 +278,12 @@ def _parser() -> argparse.ArgumentParser:
         help="mixed: everything to the mixed topic; dedicated: meter and vehicle topics",
     )
     parser.add_argument("--bootstrap-servers", help="default: FLEET_KAFKA_BOOTSTRAP_SERVERS")
+    parser.add_argument(
+        "--rate",
+        type=_positive_rate,
+        metavar="PER_SECOND",
+        help="backfill at most this many messages per second (default: as fast as possible)",
+    )
     parser.add_argument(
         "--realtime",
         action="store_true",
@@ -387,6 +408,7 @@ async def _main(
             realtime=args.realtime,
             progress=progress,
             stop=stop,
+            rate=args.rate,
             security=security_kwargs(settings, "simulator"),  # FLEET_KAFKA_SECURITY_* etc.
         )
     finally:
