@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench up down clean
+.PHONY: help install demo test lint bench chaos up down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ bench: $(STAMP) ## ingest and API benchmarks (print numbers; see BENCHMARKS.md)
 	$(BIN)/python scripts/bench_ingest.py
 	$(BIN)/python scripts/bench_api.py
 
+chaos: $(STAMP) ## soak with kill -9, PostgreSQL crashes and outages, broker restart (~13 min; see RELIABILITY.md)
+	$(BIN)/python scripts/chaos.py
+
 up: ## run the stack with docker compose (needs a Docker engine)
 	docker compose up -d
 
@@ -40,4 +43,4 @@ down: ## stop the docker compose stack
 	docker compose down
 
 clean: ## remove the virtualenv and local state
-	rm -rf $(VENV) .demo .bench .pytest-artifacts .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo .bench .chaos .pytest-artifacts .mypy_cache .ruff_cache .hypothesis

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from consumer.migrate import migrate
+from consumer.settings import Settings
 
 
 def free_port() -> int:
@@ -92,6 +93,17 @@ def start_broker(log_dir: Path, port: int | None = None) -> Broker:
     log_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     return Broker(port, log_dir / f"tansu-{port}.log").start()
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The same settings as FLEET_ environment variables, for a consumer subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    for name, value in s.model_dump().items():
+        if value is None:
+            continue
+        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"FLEET_{name.upper()}"] = str(raw).lower() if isinstance(raw, bool) else str(raw)
+    return env
 
 
 def with_database(dsn: str, database: str) -> str:

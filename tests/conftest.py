@@ -95,17 +95,6 @@ async def settings(broker: str, database: str) -> Settings:
     return s
 
 
-def settings_env(s: Settings) -> dict[str, str]:
-    """The same settings as FLEET_ environment variables, for a consumer subprocess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    for name, value in s.model_dump().items():
-        if value is None:
-            continue
-        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-        env[f"FLEET_{name.upper()}"] = str(raw).lower() if isinstance(raw, bool) else str(raw)
-    return env
-
-
 async def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
     """Poll an async predicate until it returns something truthy."""
     loop = asyncio.get_running_loop()

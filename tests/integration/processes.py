@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from consumer.devstack import free_port
+from consumer.devstack import free_port, settings_env
 from consumer.settings import Settings
-from tests.conftest import ARTIFACTS, settings_env
+from tests.conftest import ARTIFACTS
 
 
 class ConsumerProcess:

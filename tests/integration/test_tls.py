@@ -27,13 +27,19 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError
 from pydantic import SecretStr
 
-from consumer.devstack import LocalPostgres, free_port, start_local_postgres, with_database
+from consumer.devstack import (
+    LocalPostgres,
+    free_port,
+    settings_env,
+    start_local_postgres,
+    with_database,
+)
 from consumer.errors import ConfigError, is_misconfiguration, is_transient
 from consumer.kafka import ensure_topics, security_kwargs
 from consumer.migrate import migrate
 from consumer.service import Role, Service
 from consumer.settings import Settings
-from tests.conftest import settings_env, wait_until
+from tests.conftest import wait_until
 from tests.integration.helpers import meter, publish_readings, vehicle
 
 DSN_PASSWORD = "dsn-pass-4e0b"  # noqa: S105 -- a test credential (trust auth ignores it)
