@@ -10,7 +10,7 @@ import structlog
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from consumer.errors import ConfigError
+from consumer.errors import ConfigError, is_misconfiguration
 from consumer.log import configure_logging
 from consumer.migrate import migrate
 from consumer.service import Role, Service
@@ -41,6 +41,17 @@ async def _run(settings: Settings, args: argparse.Namespace) -> None:
     await service.run(max_batches=args.max_batches, idle_timeout=args.idle_timeout)
 
 
+async def _migrate(dsn: str) -> list[str]:
+    try:
+        return await migrate(dsn)
+    except Exception as exc:
+        if is_misconfiguration(exc):  # as `run` does: waiting or a traceback would not help
+            raise ConfigError(
+                f"cannot connect to the database: {exc!r}; check its TLS settings"
+            ) from exc
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     log = structlog.get_logger("consumer")
     try:
         if args.command == "migrate":
-            applied = asyncio.run(migrate(settings.database_url.get_secret_value()))
+            applied = asyncio.run(_migrate(settings.database_url.get_secret_value()))
             log.info("migrated", applied=applied)
         else:
             asyncio.run(_run(settings, args))

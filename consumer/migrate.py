@@ -46,6 +46,8 @@ async def connect_creating_database(dsn: str) -> asyncpg.Connection:
 
 async def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply what has not run yet; returns the names of the files applied now."""
+    if not migration_files(sql_dir):  # an install without sql/ would "succeed" doing nothing
+        raise ConfigError(f"no migrations in {sql_dir}: run from the source tree or the image")
     conn = await connect_creating_database(dsn)
     applied_now: list[str] = []
     try:

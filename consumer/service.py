@@ -118,6 +118,7 @@ class Service:
         )
         if self.store is None:
             return False
+        metrics.SINK_AVAILABLE.set(1)  # connected; the pipeline sets 0 while it waits for it
         self.deps.pool = self.store.pool
         if self.serves_api and s.api_database_url is not None:
             api_dsn = s.api_database_url.get_secret_value()

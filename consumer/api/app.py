@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.api.deps import DEPS, ApiDeps
 from consumer.api.errors import ApiError, error_body
+from consumer.errors import is_transient
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +36,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response(error_body(code, exc.reason), status=exc.status, headers=kept)
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):  # restarting, unreachable, out of connections: worth a retry
+            log.warning("request_database_unavailable", path=request.path, error=repr(exc))
+            body = error_body("database_unavailable", "the database is unavailable; retry shortly")
+            return web.json_response(body, status=503, headers={"Retry-After": "5"})
         log.exception("request_failed", path=request.path)
         return web.json_response(error_body("internal_error", "internal error"), status=500)
 

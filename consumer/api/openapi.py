@@ -80,7 +80,10 @@ _SECURED: list[Schema] = [{"bearerAuth": []}]
 _OPEN: list[Schema] = []
 _UNAUTHORIZED = {"$ref": "#/components/responses/Unauthorized"}
 _RATE_LIMITED = {"$ref": "#/components/responses/RateLimited"}
-_DB_UNAVAILABLE = _error("not_ready: the database is unavailable")
+_DB_UNAVAILABLE = _error(
+    "not_ready: the database is not connected yet; database_unavailable: it stopped "
+    "answering (restart, outage); retry after Retry-After seconds."
+)
 
 
 # The examples name one vehicle and its charger's meter throughout.

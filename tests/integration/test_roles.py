@@ -15,6 +15,7 @@ from consumer.service import Role, Service
 from consumer.settings import Settings
 from tests.conftest import wait_until
 from tests.integration.helpers import meter, offsets_reach
+from tests.integration.processes import TcpProxy
 
 
 async def _get(base: str, path: str) -> tuple[int, Any]:
@@ -107,3 +108,35 @@ async def test_api_connected_as_the_fleet_api_role_reads_and_assigns_but_cannot_
     finally:
         await service.stop()
         await db.execute(f"DROP ROLE {login}")
+
+
+async def test_the_api_answers_503_with_retry_after_while_its_database_is_away(
+    settings: Settings,
+) -> None:
+    """A database restart or outage is a 503 database_unavailable with Retry-After, never a
+    500; the API answers normally once it is back."""
+    proxy = TcpProxy(settings.database_url.get_secret_value())
+    await proxy.start()
+    via_proxy = SecretStr(proxy.dsn)
+    service = Service(settings.model_copy(update={"api_database_url": via_proxy}), Role.API)
+    base = f"http://127.0.0.1:{settings.http_port}"
+    try:
+        assert await service.start()
+        assert (await _get(base, "/v1/vehicles/ev-1/live"))[0] == 404  # connected: not found
+        await proxy.cut()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(base + "/v1/vehicles/ev-1/live") as resp,
+        ):
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "5"
+            assert (await resp.json())["error"]["code"] == "database_unavailable"
+        await proxy.start()
+        await wait_until(lambda: _status_is(base, "/v1/vehicles/ev-1/live", 404), timeout=30)
+    finally:
+        await service.stop()
+        await proxy.cut()
+
+
+async def _status_is(base: str, path: str, status: int) -> bool:
+    return (await _get(base, path))[0] == status

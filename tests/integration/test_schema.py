@@ -29,6 +29,14 @@ async def test_migrate_twice_and_concurrently_applies_each_file_once(database: s
     assert names == [p.name for p in migration_files()]
 
 
+async def test_migrate_without_its_sql_files_is_a_configuration_error(
+    database: str, tmp_path: Path
+) -> None:
+    """An install that lost sql/ must not report success having applied nothing."""
+    with pytest.raises(ConfigError, match="no migrations"):
+        await migrate(database, tmp_path)
+
+
 async def test_migrate_creates_a_missing_database(admin_dsn: str) -> None:
     """On a fresh server, `migrate` creates the configured database before applying sql/."""
     dsn = with_database(admin_dsn, "fleet_test_created_by_migrate")

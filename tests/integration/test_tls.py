@@ -295,10 +295,12 @@ async def test_the_service_stops_on_a_tls_failure_instead_of_retrying(
     assert DSN_PASSWORD not in str(raised.value)
 
 
+@pytest.mark.parametrize("command", [["run", "--role", "ingest"], ["migrate"]])
 async def test_run_exits_with_a_configuration_error_on_an_untrusted_certificate(
-    servers: Servers,
+    servers: Servers, command: list[str]
 ) -> None:
-    """`python -m consumer run` with an unverifiable TLS DSN logs configuration_error and exits 2."""
+    """`python -m consumer run` (or `migrate`) with an unverifiable TLS DSN logs
+    configuration_error and exits 2."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "PG"))} | {
         "FLEET_DATABASE_URL": servers.dsn(rootcert=servers.other_ca, password=DSN_PASSWORD),
         "FLEET_HTTP_HOST": "127.0.0.1",
@@ -306,7 +308,7 @@ async def test_run_exits_with_a_configuration_error_on_an_untrusted_certificate(
         "FLEET_LOG_JSON": "true",
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "run", "--role", "ingest",
+        sys.executable, "-m", "consumer", *command,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
