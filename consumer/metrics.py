@@ -66,8 +66,9 @@ DLQ_PUBLISH_FAILURES = Counter(
 )
 DB_POOL_CONNECTIONS = Gauge(
     "fleet_db_pool_connections",
-    "Database pool connections by state (in_use, idle, max).",
-    ["state"],
+    "Database pool connections by pool (store: FLEET_DATABASE_URL; api: FLEET_API_DATABASE_URL)"
+    " and state (in_use, idle, max).",
+    ["pool", "state"],
 )
 HTTP_REQUEST_SECONDS = Histogram(
     "fleet_http_request_duration_seconds",

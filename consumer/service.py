@@ -258,9 +258,11 @@ class Service:
             raise ConnectionError(str(exc)) from exc
 
     def _report_pool(self) -> None:
-        if self.store is None:
-            return
-        pool = self.store.pool
-        metrics.DB_POOL_CONNECTIONS.labels("max").set(pool.get_max_size())
-        metrics.DB_POOL_CONNECTIONS.labels("idle").set(pool.get_idle_size())
-        metrics.DB_POOL_CONNECTIONS.labels("in_use").set(pool.get_size() - pool.get_idle_size())
+        pools = {"store": self.store.pool if self.store else None, "api": self.api_pool}
+        for name, pool in pools.items():
+            if pool is None:
+                continue
+            gauge = metrics.DB_POOL_CONNECTIONS
+            gauge.labels(name, "max").set(pool.get_max_size())
+            gauge.labels(name, "idle").set(pool.get_idle_size())
+            gauge.labels(name, "in_use").set(pool.get_size() - pool.get_idle_size())

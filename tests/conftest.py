@@ -12,9 +12,11 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
 from consumer.devstack import (
     free_port,
@@ -68,29 +70,36 @@ async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+def make_settings(broker: str, database_url: str, **overrides: Any) -> Settings:
+    """Settings for one test: topics and a consumer group of its own, short timeouts,
+    and what the local broker needs (no idempotent producer)."""
+    suffix = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": broker,
+        "database_url": SecretStr(database_url),
+        "meter_topic": f"meter-{suffix}",
+        "vehicle_topic": f"vehicle-{suffix}",
+        "mixed_topic": f"fleet-{suffix}",
+        "dlq_topic": f"dlq-{suffix}",
+        "group_id": f"group-{suffix}",
+        "batch_max_records": 500,
+        "batch_max_wait_ms": 200,
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 1000,
+        "kafka_idempotent_producer": False,  # tansu does not implement InitProducerId
+        "retry_initial_seconds": 0.1,
+        "retry_max_seconds": 1.0,
+        "http_host": "127.0.0.1",
+        "http_port": free_port(),
+        "log_json": True,
+    }
+    return Settings(**(values | overrides))
+
+
 @pytest.fixture
 async def settings(broker: str, database: str) -> Settings:
-    """Settings for one test: its own topics (4 partitions) and consumer group."""
-    suffix = uuid.uuid4().hex[:8]
-    s = Settings(
-        kafka_bootstrap_servers=broker,
-        database_url=database,
-        meter_topic=f"meter-{suffix}",
-        vehicle_topic=f"vehicle-{suffix}",
-        mixed_topic=f"fleet-{suffix}",
-        dlq_topic=f"dlq-{suffix}",
-        group_id=f"group-{suffix}",
-        batch_max_records=500,
-        batch_max_wait_ms=200,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        kafka_idempotent_producer=False,  # tansu does not implement InitProducerId
-        retry_initial_seconds=0.1,
-        retry_max_seconds=1.0,
-        http_host="127.0.0.1",
-        http_port=free_port(),
-        log_json=True,
-    )
+    """Settings for one test (see make_settings), its topics created with 4 partitions."""
+    s = make_settings(broker, database)
     await ensure_topics(broker, [*s.topics, s.dlq_topic], partitions=4)
     return s
 

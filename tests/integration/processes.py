@@ -1,16 +1,24 @@
-"""Consumer processes and a cuttable TCP proxy, for crash, rebalance and outage tests."""
+"""Consumer processes and a cuttable TCP proxy, for crash, rebalance and outage tests;
+and a Prometheus server, for the scrape tests."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from consumer.devstack import free_port, settings_env
+import pytest
+
+from consumer.devstack import free_port, settings_env, wait_for_port
 from consumer.settings import Settings
 from tests.conftest import ARTIFACTS
 
@@ -122,3 +130,35 @@ class TcpProxy:
         finally:
             writer.transport.abort()
             self._writers.discard(writer)
+
+
+@contextlib.contextmanager
+def running_prometheus(scrape_configs: list[dict[str, Any]], workdir: Path) -> Iterator[str]:
+    """A Prometheus server (Debian's package) scraping every second; its URL."""
+    binary = os.environ.get("FLEET_TEST_PROMETHEUS") or shutil.which("prometheus")
+    if not binary:
+        pytest.fail(
+            "needs a Prometheus server: apt-get install prometheus (or FLEET_TEST_PROMETHEUS)"
+        )
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape_configs})
+    )  # JSON is YAML
+    port = free_port()
+    with (workdir / "prometheus.log").open("wb") as log:
+        server = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(port, timeout=30)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=10)

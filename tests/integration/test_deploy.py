@@ -34,12 +34,12 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from consumer.devstack import free_port, fresh_database, start_local_postgres, wait_for_port
+from consumer.devstack import fresh_database, start_local_postgres
 from consumer.kafka import ensure_topics
 from consumer.migrate import migrate
 from consumer.service import Role, Service
 from consumer.settings import Settings
-from tests.conftest import ARTIFACTS, ROOT, wait_until
+from tests.conftest import ARTIFACTS, ROOT, make_settings, wait_until
 from tests.integration.helpers import (
     encode,
     meter,
@@ -49,6 +49,7 @@ from tests.integration.helpers import (
     publish_readings,
     running_service,
 )
+from tests.integration.processes import running_prometheus
 
 COMPOSE = ROOT / "docker-compose.yml"
 THREE_BROKERS = ROOT / "deploy" / "compose.kafka-3-brokers.yml"
@@ -330,7 +331,7 @@ def test_every_setting_is_documented_in_env_example_with_the_compose_default() -
             if value is None:  # passed through from the shell or .env when set
                 assert key in documented, key
             raw = environment(load_yaml(COMPOSE)["services"][name])[key] or ""
-            if "PASSWORD" in key:
+            if "PASSWORD" in key and value is not None:  # set here: from a variable
                 assert raw.startswith("${"), f"{name}.{key} is not overridable"
             if password := re.search(r"://[^:/@]+:([^@]*)@", raw):
                 assert password[1].startswith("${"), f"{name}.{key} has a fixed password"
@@ -515,22 +516,7 @@ async def test_the_init_script_creates_the_logins_that_migrate_consume_and_serve
                 == "fleet_owner"
             )
 
-            settings = Settings(
-                kafka_bootstrap_servers=broker,
-                database_url=SecretStr(consumer_dsn),
-                meter_topic=f"meter-{suffix}",
-                vehicle_topic=f"vehicle-{suffix}",
-                mixed_topic=f"fleet-{suffix}",
-                dlq_topic=f"dlq-{suffix}",
-                group_id=f"group-{suffix}",
-                batch_max_wait_ms=200,
-                session_timeout_ms=4000,
-                heartbeat_interval_ms=1000,
-                kafka_idempotent_producer=False,  # tansu does not implement InitProducerId
-                http_host="127.0.0.1",
-                http_port=free_port(),
-                log_json=True,
-            )
+            settings = make_settings(broker, consumer_dsn, session_timeout_ms=4000)
             await ensure_topics(broker, [*settings.topics, settings.dlq_topic], partitions=2)
             await publish_readings(broker, settings.meter_topic, [meter("m-compose", 0)])
             await Service(settings, Role.INGEST).run(idle_timeout=1.0)
@@ -584,37 +570,14 @@ class Live:
 def prometheus_like_deploy(targets: Mapping[str, str], workdir: Path) -> Iterator[str]:
     """A Prometheus with deploy/prometheus's jobs, each DNS-discovered job scraping the given
     host:port instead (every second); its URL."""
-    binary = os.environ.get("FLEET_TEST_PROMETHEUS") or shutil.which("prometheus")
-    if not binary:
-        pytest.fail(
-            "needs a Prometheus server: apt-get install prometheus (or FLEET_TEST_PROMETHEUS)"
-        )
     deploy = load_yaml(PROMETHEUS_CONFIG)
     jobs = [
         {"job_name": job["job_name"], "static_configs": [{"targets": [targets[job["job_name"]]]}]}
         for job in deploy["scrape_configs"]
         if "dns_sd_configs" in job
     ]
-    config = workdir / "prometheus.yml"
-    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": jobs}))
-    port = free_port()
-    with (workdir / "prometheus.log").open("wb") as log:
-        server = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for_port(port, timeout=30)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
+    with running_prometheus(jobs, workdir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -624,24 +587,9 @@ async def live(
     """The service (all roles) with every panel's series made: readings stored, re-sent and
     rejected, API calls that succeed and fail, readings POSTed; Prometheus scraping it as both
     jobs of deploy/prometheus throughout."""
-    suffix = uuid.uuid4().hex[:8]
-    name = f"fleet_test_deploy_{suffix}"
-    settings = Settings(
-        kafka_bootstrap_servers=broker,
-        database_url=SecretStr(await fresh_database(admin_dsn, name)),
-        meter_topic=f"meter-{suffix}",
-        vehicle_topic=f"vehicle-{suffix}",
-        mixed_topic=f"fleet-{suffix}",
-        dlq_topic=f"dlq-{suffix}",
-        group_id=f"group-{suffix}",
-        batch_max_wait_ms=200,
-        session_timeout_ms=4000,
-        heartbeat_interval_ms=1000,
-        kafka_idempotent_producer=False,  # tansu does not implement InitProducerId
-        http_host="127.0.0.1",
-        http_port=free_port(),
-        log_json=True,
-    )
+    name = f"fleet_test_deploy_{uuid.uuid4().hex[:8]}"
+    database = await fresh_database(admin_dsn, name)
+    settings = make_settings(broker, database, session_timeout_ms=4000)
     await ensure_topics(broker, [*settings.topics, settings.dlq_topic], partitions=2)
     address = f"127.0.0.1:{settings.http_port}"
     workdir = tmp_path_factory.mktemp("prometheus")

@@ -3,56 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from consumer.devstack import free_port, wait_for_port
 from consumer.settings import Settings
 from tests.conftest import wait_until
 from tests.integration.helpers import mixed_fleet, publish_readings, running_service
+from tests.integration.processes import running_prometheus
 
 RATE = 'sum(rate(fleet_ingest_records_total{outcome="stored"}[15s]))'
 
 
 @pytest.fixture
 def prometheus(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    """A Prometheus server (Debian's package) scraping the service every second; its URL."""
-    binary = os.environ.get("FLEET_TEST_PROMETHEUS") or shutil.which("prometheus")
-    if not binary:
-        pytest.fail(
-            "needs a Prometheus server: apt-get install prometheus (or FLEET_TEST_PROMETHEUS)"
-        )
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: fleet\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{settings.http_port}']}}]\n"
-    )
-    with (tmp_path / "prometheus.log").open("wb") as log:
-        server = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for_port(port, timeout=30)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
+    """A Prometheus server scraping the service every second; its URL."""
+    job = {
+        "job_name": "fleet",
+        "static_configs": [{"targets": [f"127.0.0.1:{settings.http_port}"]}],
+    }
+    with running_prometheus([job], tmp_path) as url:
+        yield url
 
 
 async def test_prometheus_scrapes_metrics_and_shows_the_ingestion_rate(

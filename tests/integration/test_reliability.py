@@ -75,24 +75,26 @@ def small_batches(settings: Settings) -> Settings:
     return settings.model_copy(update={"batch_max_records": 200})
 
 
-async def test_consumer_killed_with_sigkill_and_restarted_loses_and_duplicates_nothing(
+async def test_consumer_killed_with_sigkill_again_and_again_loses_and_duplicates_nothing(
     small_batches: Settings, db: asyncpg.Connection
 ) -> None:
-    """kill -9 mid-stream, restart: every reading stored once, every reject recorded once."""
+    """A short kill -9 loop: killed mid-stream three times, restarted each time; every
+    reading stored once, every reject recorded once."""
     settings = small_batches
     readings, messages = stream_with_rejects(meters=100, vehicles=100, rounds=60)
     await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages)
 
-    first = ConsumerProcess(settings, "first")
-    try:
-        await wait_until(lambda: _at_least(db, 2000), timeout=60)
-    finally:
-        first.signal(signal.SIGKILL)
-        await first.wait()
+    for kill in range(1, 4):
+        victim = ConsumerProcess(settings, f"killed-{kill}")
+        try:
+            await wait_until(lambda n=kill: _at_least(db, n * 2000), timeout=60)
+        finally:
+            victim.signal(signal.SIGKILL)
+            await victim.wait()
     assert await history_count(db) < len(readings), "killed too late to prove anything"
 
-    second = ConsumerProcess(settings, "second", "--idle-timeout", "3")
-    assert await second.wait(timeout=120) == 0, second.output()
+    survivor = ConsumerProcess(settings, "survivor", "--idle-timeout", "3")
+    assert await survivor.wait(timeout=120) == 0, survivor.output()
     await assert_exactly_once(db, settings, readings, messages)
 
 

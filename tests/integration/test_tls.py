@@ -39,7 +39,7 @@ from consumer.kafka import ensure_topics, security_kwargs
 from consumer.migrate import migrate
 from consumer.service import Role, Service
 from consumer.settings import Settings
-from tests.conftest import wait_until
+from tests.conftest import make_settings, wait_until
 from tests.integration.helpers import meter, publish_readings, vehicle
 
 DSN_PASSWORD = "dsn-pass-4e0b"  # noqa: S105 -- a test credential (trust auth ignores it)
@@ -170,23 +170,7 @@ async def test_the_service_migrates_ingests_and_serves_over_verified_tls(
     database = f"fleet_tls_{uuid.uuid4().hex[:8]}"
     dsn = servers.dsn(database=database)
     assert await migrate(dsn)  # creates the database first: an admin connection, over TLS too
-    suffix = uuid.uuid4().hex[:8]
-    s = Settings(
-        kafka_bootstrap_servers=broker,
-        database_url=SecretStr(dsn),
-        api_database_url=SecretStr(dsn),
-        meter_topic=f"meter-{suffix}",
-        vehicle_topic=f"vehicle-{suffix}",
-        mixed_topic=f"fleet-{suffix}",
-        dlq_topic=f"dlq-{suffix}",
-        group_id=f"group-{suffix}",
-        batch_max_wait_ms=200,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        kafka_idempotent_producer=False,  # tansu does not implement InitProducerId
-        http_host="127.0.0.1",
-        http_port=free_port(),
-    )
+    s = make_settings(broker, dsn, api_database_url=SecretStr(dsn))
     await ensure_topics(broker, [*s.topics, s.dlq_topic], partitions=1, settings=s)
     service = Service(s, Role.ALL)  # the consumer (store pool) and the API (its own pool)
     check = await asyncpg.connect(dsn)
