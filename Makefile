@@ -33,7 +33,7 @@ bench: $(STAMP) ## ingest and API benchmarks (print numbers; see BENCHMARKS.md)
 	$(BIN)/python scripts/bench_ingest.py
 	$(BIN)/python scripts/bench_api.py
 
-chaos: $(STAMP) ## soak with kill -9, PostgreSQL crashes and outages, broker restart (~13 min; see RELIABILITY.md)
+chaos: $(STAMP) ## soak with kill -9, PostgreSQL crashes and outages, broker restart (~8 min; RELIABILITY.md)
 	$(BIN)/python scripts/chaos.py
 
 up: ## run the stack with docker compose (needs a Docker engine)
