@@ -216,6 +216,7 @@ class Pipeline:
             stale=sum(c.stale for c in counts.values()),
             rejected=len(result.dead_letters),
             partitions=len(batch.offsets),
+            committed_earlier=result.committed_earlier,  # by an attempt whose answer was lost
             write_seconds=round(committed - started, 4),
             **{name: round(seconds, 4) for name, seconds in timing.items()},
         )

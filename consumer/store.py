@@ -65,7 +65,18 @@ class WriteResult:
         default_factory=lambda: {s: StreamCounts() for s in Stream}
     )
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    # A retry found the batch committed by an attempt whose answer was lost (the
+    # connection broke after the commit): nothing written now, counts unknown.
+    committed_earlier: bool = False
 
+
+# Every partition of the batch still under our fence, its stored offset at the batch's end.
+_COMMITTED_SQL = """
+SELECT count(*) = cardinality($2::text[]) FROM consumer_offsets o
+  JOIN unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS b(topic, part, next, fence)
+    ON o.group_id = $1 AND o.topic = b.topic AND o."partition" = b.part
+   AND o.next_offset = b.next AND o.fence = b.fence
+"""
 
 _WRITE_SQL = "SELECT * FROM fleet_write_batch(" + ", ".join(f"${i}" for i in range(1, 23)) + ")"
 _NO_OFFSETS: tuple[list[Any], ...] = ([], [], [], [], [])
@@ -222,6 +233,10 @@ class Store:
                     vehicles=batch.readings[Stream.VEHICLE],
                     letters=batch.dead_letters,
                 )
+                if row["fenced"] and await self._committed_earlier(conn, offsets):
+                    return WriteResult(
+                        dead_letters=list(batch.dead_letters), committed_earlier=True
+                    )
                 _raise_if_fenced(row)  # a fenced call wrote nothing
             except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
                 log.warning("batch_refused_by_database", error=str(exc), records=len(batch))
@@ -237,6 +252,15 @@ class Store:
                 return result
             async with conn.transaction():
                 return await self._write_row_by_row(conn, batch, offsets)
+
+    async def _committed_earlier(
+        self, conn: asyncpg.Connection, offsets: tuple[list[Any], ...]
+    ) -> bool:
+        topics, partitions, _, nexts, fences = offsets
+        committed: bool = await conn.fetchval(
+            _COMMITTED_SQL, self.group_id, topics, partitions, nexts, fences
+        )
+        return committed
 
     async def _write_row_by_row(
         self, conn: asyncpg.Connection, batch: Batch, offsets: tuple[list[Any], ...]

@@ -135,10 +135,14 @@ class Group:
     def __init__(self, settings: Settings) -> None:
         self.env = settings_env(settings)
         self.members: dict[int, Member] = {}
+        self.wanted: set[int] = set()  # slots that should run: the killer restarts only these
         self.retired: list[Member] = []
         self.started = 0
 
     def start(self, slot: int) -> Member:
+        if slot in self.members:  # already running: one process a slot
+            return self.members[slot]
+        self.wanted.add(slot)
         self.started += 1
         member = Member(self.env, f"consumer-{slot}-{self.started}")
         self.members[slot] = member
@@ -266,8 +270,9 @@ async def kill_loop(group: Group, tally: Tally, stop: asyncio.Event) -> None:
         group.kill(slot)
         tally.faults["consumer SIGKILLed"] += 1
         await asyncio.sleep(rng.uniform(0, 5))
-        group.start(slot)
-        tally.faults["consumer restarted after SIGKILL"] += 1
+        if slot in group.wanted:  # not scaled away meanwhile
+            group.start(slot)
+            tally.faults["consumer restarted after SIGKILL"] += 1
 
 
 async def terminate_mid_transaction(dsn: str, tally: Tally, timeout: float = 20) -> None:
@@ -298,7 +303,7 @@ async def database_faults(pg: LocalPostgres, dsn: str, group: Group, tally: Tall
     await asyncio.to_thread(pg.start)
     tally.faults["PostgreSQL crashed (immediate stop) and restarted at once"] += 1
     await asyncio.sleep(10)
-    group.start(max(group.members, default=0) + 1)
+    group.start(3)
     tally.faults["group scaled up to 3"] += 1
     await asyncio.sleep(10)
     await terminate_mid_transaction(dsn, tally)
@@ -308,7 +313,9 @@ async def database_faults(pg: LocalPostgres, dsn: str, group: Group, tally: Tall
     await asyncio.to_thread(pg.start)
     tally.faults["PostgreSQL restarted (fast stop, 5 s down)"] += 1
     await asyncio.sleep(15)
-    await group.stop(max(group.members))
+    group.wanted.discard(3)
+    if 3 in group.members:  # else the killer has it down, and will not restart it
+        await group.stop(3)
     tally.faults["group scaled down to 2 (SIGTERM)"] += 1
     await asyncio.sleep(10)
     await terminate_mid_transaction(dsn, tally)
