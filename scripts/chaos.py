@@ -373,24 +373,32 @@ async def caught_up(settings: Settings, dsn: str, timeout: float) -> float | Non
     return None
 
 
-async def settled(dsn: str, quiet: float = 8, timeout: float = 90) -> None:
-    """Wait until no partition has been claimed for `quiet` seconds: the group is stable."""
+async def settled(dsn: str, group: Group, quiet: float = 8, timeout: float = 300) -> bool:
+    """Wait until every partition is claimed by a running member and none was claimed for
+    `quiet` seconds: the group is stable. False if that did not happen within timeout.
+    (tansu can take minutes to let new members in after others left.)"""
+    members = {f"-{m.process.pid}" for m in group.members.values()}
     began = last_change = time.monotonic()
-    seen = await fences(dsn)
-    while time.monotonic() - last_change < quiet and time.monotonic() - began < timeout:
+    seen = await claims(dsn)
+    while time.monotonic() - began < timeout:
         await asyncio.sleep(1)
-        now = await fences(dsn)
+        now = await claims(dsn)
         if now != seen:
             seen, last_change = now, time.monotonic()
+        owned = all(owner.endswith(tuple(members)) for _, owner in now.values())
+        if owned and time.monotonic() - last_change >= quiet:
+            return True
+    return False
 
 
-async def fences(dsn: str) -> dict[tuple[str, int], int]:
+async def claims(dsn: str) -> dict[tuple[str, int], tuple[int, str]]:
+    """(fence, owner) of every partition."""
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch('SELECT topic, "partition", fence FROM consumer_offsets')
+        rows = await conn.fetch('SELECT topic, "partition", fence, owner FROM consumer_offsets')
     finally:
         await conn.close()
-    return {(r["topic"], r["partition"]): r["fence"] for r in rows}
+    return {(r["topic"], r["partition"]): (r["fence"], r["owner"]) for r in rows}
 
 
 _HISTORY = {  # kind -> (history, live, id column, value columns)
@@ -511,12 +519,13 @@ async def outage(ctx: Context, seconds: float, max_poll_interval_ms: int | None)
         ctx.group.env["FLEET_MAX_POLL_INTERVAL_MS"] = str(max_poll_interval_ms)
         for slot in (1, 2):
             ctx.group.start(slot)
-    await settled(ctx.dsn)  # no rebalance still going on from before
+    stable = await settled(ctx.dsn, ctx.group)  # no rebalance still going on from before
+    ctx.tally.anomalies[f"{label}: group not stable before the outage"] = int(not stable)
     devices = 500
     rounds = max(1, int(ctx.args.rate * (seconds + 30) / (2 * devices)))
     run = ctx.timeline.run(label, 20 + len(ctx.runs), rounds, "dedicated", devices)
     ctx.runs.append(run)
-    before_fences = await fences(ctx.dsn)
+    before = await claims(ctx.dsn)
     revoked_before = ctx.group.events("partitions_revoked")
     rss_before = {m.name: m.rss_kib() for m in ctx.group.members.values()}
     log(f"{label}: PostgreSQL down while {rounds * 2 * devices:,} readings arrive")
@@ -535,9 +544,9 @@ async def outage(ctx: Context, seconds: float, max_poll_interval_ms: int | None)
     await publishing
     await ctx.catch_up(label)
     ctx.tally.anomalies[f"{label}: members that exited"] = len(ctx.group.members) - alive
-    after_fences = await fences(ctx.dsn)
+    after = await claims(ctx.dsn)
     ctx.tally.anomalies[f"{label}: partitions re-claimed (a member left the group)"] = sum(
-        after_fences.get(tp) != fence for tp, fence in before_fences.items()
+        after.get(tp, (None, ""))[0] != fence for tp, (fence, _) in before.items()
     )
     ctx.tally.anomalies[f"{label}: rebalances seen by members"] = (
         ctx.group.events("partitions_revoked") - revoked_before
