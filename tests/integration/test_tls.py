@@ -41,28 +41,16 @@ from consumer.service import Role, Service
 from consumer.settings import Settings
 from tests.conftest import make_settings, wait_until
 from tests.integration.helpers import meter, publish_readings, vehicle
+from tests.pki import EC_KEY, make_ca, openssl
 
 DSN_PASSWORD = "dsn-pass-4e0b"  # noqa: S105 -- a test credential (trust auth ignores it)
 SASL_PASSWORD = "sasl-pass-c81d"  # noqa: S105 -- a test credential
 
 
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_ca(d: Path, name: str) -> Path:
-    _openssl(d, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
-             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    return d / f"{name}.crt"
-
-
 def _make_server_cert(d: Path, ca: str) -> tuple[Path, Path]:
     """A certificate for DNS:localhost only (not 127.0.0.1), signed by `ca`."""
-    _openssl(d, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=fleet-test-server")  # fmt: skip
+    openssl(d, "req", "-new", *EC_KEY, "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=fleet-test-server")  # fmt: skip
     (d / "server.ext").write_text(
         "subjectAltName=DNS:localhost\n"
         "basicConstraints=critical,CA:FALSE\n"
@@ -71,9 +59,9 @@ def _make_server_cert(d: Path, ca: str) -> tuple[Path, Path]:
         "subjectKeyIdentifier=hash\n"
         "authorityKeyIdentifier=keyid\n"
     )
-    _openssl(d, "x509", "-req", "-in", "server.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-set_serial", "1", "-days", "2", "-extfile", "server.ext",
-             "-out", "server.crt")  # fmt: skip
+    openssl(d, "x509", "-req", "-in", "server.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+            "-set_serial", "1", "-days", "2", "-extfile", "server.ext",
+            "-out", "server.crt")  # fmt: skip
     key = d / "server.key"
     key.chmod(0o600)  # PostgreSQL refuses a key others can read
     if os.geteuid() == 0:  # the server runs as `postgres`, and must own its key
@@ -121,8 +109,8 @@ def servers() -> Iterator[Servers]:
     root.chmod(0o755)
     pki = root / "pki"
     pki.mkdir(mode=0o755)
-    ca = _make_ca(pki, "fleet-test-ca")
-    other_ca = _make_ca(pki, "other-ca")
+    ca = make_ca(pki, "fleet-test-ca")
+    other_ca = make_ca(pki, "other-ca")
     cert, key = _make_server_cert(pki, "fleet-test-ca")
     started: list[LocalPostgres] = []
     try:
@@ -366,7 +354,7 @@ async def test_kafka_tls_against_a_plaintext_broker_fails_instead_of_connecting(
     s = Settings(
         kafka_bootstrap_servers=broker,
         kafka_security_protocol="SSL",
-        kafka_ssl_cafile=_make_ca(d, "kafka-ca"),
+        kafka_ssl_cafile=make_ca(d, "kafka-ca"),
     )
     consumer = AIOKafkaConsumer(
         bootstrap_servers=broker, request_timeout_ms=2000, **security_kwargs(s)

@@ -16,28 +16,21 @@ from structlog.testing import capture_logs
 from consumer.errors import ConfigError
 from consumer.kafka import make_consumer, make_producer, security_kwargs
 from consumer.settings import Settings
+from tests.pki import EC_KEY, make_ca, openssl
 
 PASSWORD = "sasl-pass-7f3a"  # noqa: S105 -- a test credential
 KEY_PASSWORD = "key-pass-91c2"  # noqa: S105 -- a test credential
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA (ca.crt) and a client certificate (client.crt) with a passphrase-protected key."""
     d = tmp_path_factory.mktemp("kafka-pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-    _openssl(d, "req", "-x509", *ec, "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "2", "-subj", "/CN=fleet-kafka-test-ca",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    _openssl(d, "req", "-new", *ec, "-keyout", "client.key", "-passout", f"pass:{KEY_PASSWORD}",
-             "-out", "client.csr", "-subj", "/CN=fleet-consumer")  # fmt: skip
-    _openssl(d, "x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-set_serial", "2", "-days", "2", "-out", "client.crt")  # fmt: skip
+    make_ca(d, "ca")
+    openssl(d, "req", "-new", *EC_KEY, "-keyout", "client.key", "-passout", f"pass:{KEY_PASSWORD}",
+            "-out", "client.csr", "-subj", "/CN=fleet-consumer")  # fmt: skip
+    openssl(d, "x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-set_serial", "2", "-days", "2", "-out", "client.crt")  # fmt: skip
     return d
 
 
@@ -71,7 +64,7 @@ def test_ssl_verifies_the_broker_certificate_and_name_against_the_ca(pki: Path) 
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname is True
     subjects = [dict(field[0] for field in ca["subject"]) for ca in context.get_ca_certs()]
-    assert {"commonName": "fleet-kafka-test-ca"} in subjects
+    assert {"commonName": "ca"} in subjects
 
 
 def test_ssl_without_a_ca_file_trusts_the_system_store() -> None:
