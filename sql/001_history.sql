@@ -19,14 +19,9 @@ CREATE TABLE vehicle_history (
     ingested_at      timestamptz   NOT NULL DEFAULT now()
 ) PARTITION BY RANGE ("timestamp");
 
--- INCLUDE makes a device's window an index-only scan for the analytics sums: a few
--- index pages instead of one heap page per reading (readings of one device are
--- spread over the heap in arrival order).
-CREATE UNIQUE INDEX meter_history_device_ts ON meter_history (meter_id, "timestamp")
-    INCLUDE (kwh_consumed_ac);
+CREATE UNIQUE INDEX meter_history_device_ts ON meter_history (meter_id, "timestamp");
 CREATE INDEX meter_history_ts ON meter_history ("timestamp");
-CREATE UNIQUE INDEX vehicle_history_device_ts ON vehicle_history (vehicle_id, "timestamp")
-    INCLUDE (kwh_delivered_dc, battery_temp);
+CREATE UNIQUE INDEX vehicle_history_device_ts ON vehicle_history (vehicle_id, "timestamp");
 CREATE INDEX vehicle_history_ts ON vehicle_history ("timestamp");
 
 -- Readings outside every prepared month land here rather than being lost.

@@ -109,3 +109,21 @@ async def test_a_vehicle_has_one_meter_at_a_time(db: asyncpg.Connection) -> None
     await db.execute(insert, "v-1", "m-2", feb, None)
     with pytest.raises(asyncpg.ExclusionViolationError):
         await db.execute(insert, "v-1", "m-3", mid_jan, None)
+
+
+async def test_a_database_that_applied_an_earlier_landed_001_migrates_and_others_are_refused(
+    database: str,
+) -> None:
+    """001 once landed with other text (its indexes, now 010's): such a database counts as
+    migrated; a file changed in any other way after it was applied is still refused."""
+    edited = "057cef5573e3e81c37ff40ee7bb2d9e771f9f443f843166f26a787a8203decce"
+    conn = await asyncpg.connect(database)
+    try:
+        update = "UPDATE schema_migrations SET sha256 = $1 WHERE filename = '001_history.sql'"
+        await conn.execute(update, edited)
+        assert await migrate(database) == []
+        await conn.execute(update, "0" * 64)
+        with pytest.raises(ConfigError, match="changed after it was applied"):
+            await migrate(database)
+    finally:
+        await conn.close()
