@@ -13,11 +13,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from consumer.models import MODEL_OF, Reading, ShapeError, Stream, detect_stream
+
+if TYPE_CHECKING:  # the decoder itself reads no settings
+    from consumer.settings import Settings
 
 
 class Reason(enum.StrEnum):
@@ -53,6 +56,14 @@ class Rejection:
 class Limits:
     max_payload_bytes: int = 16 * 1024
     max_clock_skew: timedelta = timedelta(minutes=5)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The input rules of FLEET_MAX_PAYLOAD_BYTES and FLEET_MAX_CLOCK_SKEW_SECONDS."""
+        return cls(
+            max_payload_bytes=settings.max_payload_bytes,
+            max_clock_skew=timedelta(seconds=settings.max_clock_skew_seconds),
+        )
 
 
 # pydantic error type -> our reason; anything not listed is a wrong type.

@@ -18,7 +18,7 @@ import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
@@ -60,10 +60,7 @@ class Pipeline:
             settings.vehicle_topic: Stream.VEHICLE,
             settings.mixed_topic: None,
         }
-        self.limits = Limits(
-            max_payload_bytes=settings.max_payload_bytes,
-            max_clock_skew=timedelta(seconds=settings.max_clock_skew_seconds),
-        )
+        self.limits = Limits.from_settings(settings)
         self.batches_committed = 0
         self._stop = asyncio.Event()
         self._last_kafka_commit = 0.0

@@ -1,1 +1,1 @@
-"""The HTTP sidecar: operations endpoints now; the analytics API joins them."""
+"""The HTTP sidecar: operations endpoints, the analytics API and HTTP ingestion."""

@@ -21,6 +21,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CHECK_TIMEOUT_S = 2.0
 
 
+def failure_status(exc: Exception) -> int:
+    """What json_errors answers an unexpected exception with: 503 when the database is
+    away (worth a retry), else 500. request_metrics labels the request the same way."""
+    return 503 if is_transient(exc) else 500
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error is JSON with a stable code; never a stack trace."""
@@ -37,7 +43,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if is_transient(exc):  # restarting, unreachable, out of connections: worth a retry
+        if failure_status(exc) == 503:  # restarting, unreachable, out of connections
             log.warning("request_database_unavailable", path=request.path, error=repr(exc))
             body = error_body("database_unavailable", "the database is unavailable; retry shortly")
             return web.json_response(body, status=503, headers={"Retry-After": "5"})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -103,10 +103,7 @@ def _validate(
 ) -> tuple[list[tuple[str, bytes, bytes]], list[dict[str, Any]]]:
     """(topic, key, value) per valid item, and {index, reason, detail} per rejected one."""
     now = datetime.now(UTC)
-    limits = Limits(
-        max_payload_bytes=settings.max_payload_bytes,
-        max_clock_skew=timedelta(seconds=settings.max_clock_skew_seconds),
-    )
+    limits = Limits.from_settings(settings)
     messages: list[tuple[str, bytes, bytes]] = []
     rejected: list[dict[str, Any]] = []
     for index, item in enumerate(items):

@@ -8,6 +8,7 @@ on every route but the open ones (health, readiness, metrics and this document).
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import version
 from typing import Any
 
@@ -23,7 +24,7 @@ def openapi_routes() -> list[web.RouteDef]:
 
 
 async def serve_openapi(_: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+    return web.Response(text=_OPENAPI_JSON, content_type="application/json")
 
 
 def _ref(name: str) -> Schema:
@@ -510,3 +511,5 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+_OPENAPI_JSON = json.dumps(OPENAPI)  # the same bytes every time: serialised once

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from consumer.api.app import failure_status
 from consumer.api.errors import ApiError, error_body
 from consumer.errors import ConfigError
 from consumer.metrics import HTTP_REQUEST_SECONDS
@@ -49,8 +50,8 @@ async def request_metrics(request: web.Request, handler: Handler) -> web.StreamR
     except (ApiError, web.HTTPException) as exc:
         _observe(request, exc.status, started)
         raise
-    except Exception:
-        _observe(request, 500, started)  # json_errors turns it into a 500
+    except Exception as exc:
+        _observe(request, failure_status(exc), started)  # what json_errors answers
         raise
     _observe(request, response.status, started)
     return response

@@ -23,11 +23,11 @@ from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from consumer.api.analytics import analytics_routes
 from consumer.api.app import make_app
 from consumer.api.deps import DEPS, ApiDeps
-from consumer.api.ingestion import PATH, ingestion_routes
-from consumer.api.openapi import EXAMPLE_METER, EXAMPLE_VEHICLE, OPENAPI, openapi_routes
+from consumer.api.ingestion import PATH
+from consumer.api.openapi import EXAMPLE_METER, EXAMPLE_VEHICLE, OPENAPI
+from consumer.api.routes import api_routes
 from consumer.api.security import security_middlewares
 from consumer.kafka import make_producer
 from consumer.settings import Settings
@@ -48,11 +48,6 @@ CHECKS = [
     "ignored_auth",
     "unsupported_method",
 ]
-
-
-def composed_routes() -> list[web.RouteDef]:
-    """Every route of the API, as `python -m consumer run` serves them."""
-    return [*analytics_routes(), *ingestion_routes(), *openapi_routes()]
 
 
 def successes(metrics_text: str) -> dict[tuple[str, str], float]:
@@ -92,7 +87,7 @@ async def live_api(settings: Settings, database: str) -> AsyncIterator[TestClien
     app = make_app(
         {},
         deps=ApiDeps(configured, pool=pool, producer=producer),
-        routes=composed_routes(),
+        routes=api_routes(),
         middlewares=security_middlewares(configured),
     )
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))

@@ -131,6 +131,9 @@ async def test_the_api_answers_503_with_retry_after_while_its_database_is_away(
             assert resp.status == 503
             assert resp.headers["Retry-After"] == "5"
             assert (await resp.json())["error"]["code"] == "database_unavailable"
+        async with aiohttp.ClientSession() as http, http.get(base + "/metrics") as resp:
+            counted = 'route="/v1/vehicles/{vehicleId}/live",status="503"'
+            assert counted in await resp.text()  # the metric says what the client got
         await proxy.start()
         await wait_until(lambda: _status_is(base, "/v1/vehicles/ev-1/live", 404), timeout=30)
     finally:

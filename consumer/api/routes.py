@@ -1,0 +1,13 @@
+"""Every route of the HTTP API: what `run --role api` serves and the OpenAPI document describes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from consumer.api.analytics import analytics_routes
+from consumer.api.ingestion import ingestion_routes
+from consumer.api.openapi import openapi_routes
+
+
+def api_routes() -> list[web.RouteDef]:
+    return [*analytics_routes(), *ingestion_routes(), *openapi_routes()]
