@@ -10,7 +10,7 @@ import structlog
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from consumer.errors import ConfigError, is_misconfiguration
+from consumer.errors import ConfigError, is_misconfiguration, misconfigured
 from consumer.log import configure_logging
 from consumer.migrate import migrate
 from consumer.service import Role, Service
@@ -46,9 +46,7 @@ async def _migrate(dsn: str) -> list[str]:
         return await migrate(dsn)
     except Exception as exc:
         if is_misconfiguration(exc):  # as `run` does: waiting or a traceback would not help
-            raise ConfigError(
-                f"cannot connect to the database: {exc!r}; check its TLS settings"
-            ) from exc
+            raise misconfigured("database", exc) from exc
         raise
 
 

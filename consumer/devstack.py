@@ -7,6 +7,7 @@ the machine has none. Both are dev extras; the service itself never imports this
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -124,6 +125,14 @@ async def fresh_database(admin_dsn: str, database: str) -> str:
     return dsn
 
 
+async def drop_database(admin_dsn: str, database: str) -> None:
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 async def postgres_reachable(dsn: str) -> bool:
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
@@ -143,6 +152,7 @@ def start_embedded_postgres(data_dir: Path) -> str:
     return uri
 
 
+@functools.cache  # the chaos harness stops and starts its server many times
 def _postgres_bindir() -> Path:
     """Where initdb and pg_ctl live: pg_config's answer, else the first on PATH."""
     pg_config = shutil.which("pg_config")

@@ -62,6 +62,14 @@ def is_misconfiguration(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc)
 
 
+def misconfigured(what: str, exc: BaseException) -> ConfigError:
+    """The ConfigError for a connection that is_misconfiguration() condemns."""
+    return ConfigError(
+        f"cannot connect to the {what}: {exc!r}; check its TLS settings "
+        "(sslmode, sslrootcert, sslcert, sslkey) and certificates"
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same write later can succeed."""
     if is_misconfiguration(exc):

@@ -152,34 +152,31 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
-        self.pending: set[TopicPartition] = set()
+        # pending partition -> the monotonic time it may be claimed from (0.0: now)
+        self.pending: dict[TopicPartition, float] = {}
         self.claims: dict[tuple[str, int], Claim] = {}
-        self._not_before: dict[TopicPartition, float] = {}
 
     def defer(self, tp: TopicPartition, seconds: float) -> None:
-        self.pending.add(tp)
-        self._not_before[tp] = time.monotonic() + seconds
+        self.pending[tp] = time.monotonic() + seconds
 
     def due(self) -> list[TopicPartition]:
         """The pending partitions to claim now, in claim order. A pending partition that is
         no longer assigned (it was set aside while a rebalance took it) is dropped: claiming
         it would fence its new owner, and the group gives it back through on_partitions_assigned."""
-        assigned = self._consumer.assignment()
-        for tp in self.pending - assigned:
-            self.pending.discard(tp)
-            self._not_before.pop(tp, None)
+        if not self.pending:  # the usual case, checked on every poll
+            return []
+        for tp in self.pending.keys() - self._consumer.assignment():
+            del self.pending[tp]
         now = time.monotonic()
-        return sorted(tp for tp in self.pending if self._not_before.get(tp, 0.0) <= now)
+        return sorted(tp for tp, not_before in self.pending.items() if not_before <= now)
 
     def claimed(self, tp: TopicPartition, claim: Claim) -> None:
         self.claims[(tp.topic, tp.partition)] = claim
-        self.pending.discard(tp)
-        self._not_before.pop(tp, None)
+        self.pending.pop(tp, None)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
-            self.pending.discard(tp)
-            self._not_before.pop(tp, None)
+            self.pending.pop(tp, None)
             self.claims.pop((tp.topic, tp.partition), None)
             with contextlib.suppress(KeyError):  # no lag reported yet for it
                 CONSUMER_LAG.remove(tp.topic, str(tp.partition))
@@ -192,8 +189,7 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
             self._consumer.pause(*assigned)
         for tp in assigned:
             self.claims.pop((tp.topic, tp.partition), None)  # a fence from before is stale
-            self._not_before.pop(tp, None)
-        self.pending |= set(assigned)
+        self.pending.update(dict.fromkeys(assigned, 0.0))
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),

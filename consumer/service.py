@@ -18,13 +18,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
 
 from consumer import metrics
-from consumer.api.analytics import analytics_routes
 from consumer.api.app import make_app
 from consumer.api.deps import ApiDeps
-from consumer.api.ingestion import ingestion_routes
-from consumer.api.openapi import openapi_routes
+from consumer.api.routes import api_routes
 from consumer.api.security import security_middlewares
-from consumer.errors import ConfigError, is_misconfiguration, is_transient
+from consumer.errors import ConfigError, is_misconfiguration, is_transient, misconfigured
 from consumer.kafka import PartitionTracker, make_consumer, make_producer, member_name
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
@@ -48,10 +46,7 @@ async def _until_up(
             error = repr(exc)
         except Exception as exc:
             if is_misconfiguration(exc):  # e.g. TLS that does not verify: waiting cannot help
-                raise ConfigError(
-                    f"cannot connect to the {what}: {exc!r}; check its TLS settings "
-                    "(sslmode, sslrootcert, sslcert, sslkey) and certificates"
-                ) from exc
+                raise misconfigured(what, exc) from exc
             if not is_transient(exc):
                 raise
             error = repr(exc)
@@ -97,7 +92,7 @@ class Service:
                 {"database": self._check_database, "broker": self._check_broker},
                 before_scrape=self._report_pool,
                 deps=self.deps,
-                routes=[*analytics_routes(), *ingestion_routes(), *openapi_routes()] if api else [],
+                routes=api_routes() if api else [],
                 middlewares=security_middlewares(s) if api else [],
             )
         )
