@@ -61,7 +61,7 @@ from consumer.devstack import (
 from consumer.kafka import ensure_topics
 from consumer.settings import Settings
 from producer_sim.__main__ import publish
-from producer_sim.faults import Faults, FaultyRun, Truth
+from producer_sim.faults import Faults, Truth
 from producer_sim.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,16 +223,15 @@ class Run:
 
     def expected(self) -> Iterator[tuple[str, str, datetime]]:
         """(kind, device, timestamp) of every valid reading: one per device per round,
-        stamped start + k * interval, shifted by the skew of a skewed device's clock."""
+        stamped start + k * interval, shifted by the skew of a skewed device's clock
+        (which publish() recorded in the truth)."""
         fleet = self.fleet()
-        faulty = FaultyRun(
-            fleet, self.start, INTERVAL, self.rounds, FAULTS, now=self.now, mixed=False
-        )
+        skew = {d: timedelta(seconds=s) for d, s in self.truth.skewed_devices.items()}
         for k in range(self.rounds):
             ts = self.start + k * INTERVAL
             for kind, ids in (("meter", fleet.meter_ids), ("vehicle", fleet.vehicle_ids)):
                 for device in ids:
-                    yield kind, device, ts + FAULTS.skew if device in faulty.skewed else ts
+                    yield kind, device, ts + skew[device] if device in skew else ts
 
 
 class Timeline:
@@ -361,10 +360,11 @@ async def stored_offsets(dsn: str, group_id: str) -> dict[tuple[str, int], int]:
 
 
 async def caught_up(settings: Settings, dsn: str, timeout: float) -> float | None:
-    """Seconds until every partition's stored offset reached its log end; None if never."""
+    """Seconds until every partition's stored offset reached its log end; None if never.
+    Called once everything is published: the log ends stand still meanwhile."""
     began = time.monotonic()
+    ends = await log_end_offsets(settings)
     while time.monotonic() - began < timeout:
-        ends = await log_end_offsets(settings)
         with contextlib.suppress(OSError, asyncpg.PostgresError):
             stored = await stored_offsets(dsn, settings.group_id)
             if all(stored.get(tp, 0) == end for tp, end in ends.items()):

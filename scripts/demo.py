@@ -30,6 +30,7 @@ from consumer.kafka import ensure_topics
 from consumer.migrate import migrate
 from consumer.settings import Settings
 from producer_sim.__main__ import publish
+from producer_sim.assignments import write_assignments
 from producer_sim.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,16 +64,10 @@ async def _wait_for_rows(dsn: str, since: datetime, expected: int, timeout: floa
 
 
 async def _report(dsn: str, fleet: Fleet) -> None:
+    # Tell the database which charger each simulated vehicle uses, as the simulator does.
+    await write_assignments(dsn, fleet.charger, datetime.now(UTC) - timedelta(days=30))
     conn = await asyncpg.connect(dsn)
     try:
-        # Tell the database which charger each simulated vehicle uses (the
-        # sidecar's assignment API will do this; here it is plain SQL).
-        await conn.executemany(
-            "INSERT INTO vehicle_meter_assignments (vehicle_id, meter_id, valid_from) "
-            "SELECT $1, $2, now() - interval '30 days' WHERE NOT EXISTS "
-            "(SELECT 1 FROM vehicle_meter_assignments WHERE vehicle_id = $1)",
-            list(fleet.charger.items()),
-        )
         counts = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM meter_history) AS meter_rows,"
             " (SELECT count(*) FROM vehicle_history) AS vehicle_rows,"

@@ -19,6 +19,7 @@ import pytest
 from pydantic import SecretStr
 
 from consumer.devstack import (
+    drop_database,
     free_port,
     fresh_database,
     postgres_reachable,
@@ -56,11 +57,7 @@ async def database(admin_dsn: str) -> AsyncIterator[str]:
     """A freshly migrated database of this test's own."""
     name = f"fleet_test_{uuid.uuid4().hex[:12]}"
     yield await fresh_database(admin_dsn, name)
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await drop_database(admin_dsn, name)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from consumer.devstack import fresh_database, start_local_postgres
+from consumer.devstack import drop_database, fresh_database, start_local_postgres
 from consumer.kafka import ensure_topics
 from consumer.migrate import migrate
 from consumer.service import Role, Service
@@ -635,11 +635,7 @@ async def live(
                     exposition = await resp.text()
                 yield Live(settings, exposition, prometheus)
     finally:
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(admin_dsn, name)
 
 
 async def test_every_metric_the_dashboard_queries_is_exported_by_the_service(live: Live) -> None:
