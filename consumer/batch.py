@@ -1,11 +1,18 @@
-"""One poll's records as a batch: decoded readings, rejects, offset ranges. Pure."""
+"""Records as batches: decoded readings, rejects, offset ranges. Pure.
+
+A lane stages each partition's records as they arrive, decoded into a chunk
+(a Batch of one partition, see decode_partition); when the lane is free its
+chunks are merged into the batch it writes (Batch.merged).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
+
+from aiokafka import TopicPartition
 
 from consumer.decode import Limits, Rejection, decode
 from consumer.models import MeterReading, Reading, Stream
@@ -59,10 +66,28 @@ class Batch:
         default_factory=lambda: {stream: [] for stream in Stream}
     )
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    offsets: dict[tuple[str, int], OffsetRange] = field(default_factory=dict)
+    offsets: dict[TopicPartition, OffsetRange] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.readings.values()) + len(self.dead_letters)
+
+    def extend(self, other: Batch) -> None:
+        """Append a later batch; a partition in both spans from the first's start to the
+        second's end (a partition's chunks arrive in offset order)."""
+        for stream in Stream:
+            self.readings[stream].extend(other.readings[stream])
+            self.sources[stream].extend(other.sources[stream])
+        self.dead_letters.extend(other.dead_letters)
+        for tp, span in other.offsets.items():
+            held = self.offsets.get(tp)
+            self.offsets[tp] = span if held is None else OffsetRange(held.first, span.next)
+
+    @classmethod
+    def merged(cls, batches: Iterable[Batch]) -> Batch:
+        merged = cls()
+        for batch in batches:
+            merged.extend(batch)
+        return merged
 
 
 def build_batch(
@@ -73,22 +98,33 @@ def build_batch(
     limits: Limits,
 ) -> Batch:
     """Decode every message; a topic mapped to None is the mixed topic (shape-detected)."""
-    batch = Batch()
-    spans: dict[tuple[str, int], list[int]] = {}  # [first, last]
+    by_partition: dict[TopicPartition, list[Message]] = {}
     for msg in messages:
-        result = decode(msg.value, stream_of_topic[msg.topic], now=now, limits=limits)
+        by_partition.setdefault(TopicPartition(msg.topic, msg.partition), []).append(msg)
+    return Batch.merged(
+        decode_partition(records, stream_of_topic[topic], now=now, limits=limits)
+        for (topic, _), records in by_partition.items()
+    )
+
+
+def decode_partition(
+    records: Sequence[Message], expected: Stream | None, *, now: datetime, limits: Limits
+) -> Batch:
+    """One partition's records as a chunk: each a reading or a dead letter, and the
+    offset range from the lowest to one past the highest."""
+    chunk = Batch()
+    readings, sources, letters = chunk.readings, chunk.sources, chunk.dead_letters
+    for msg in records:
+        result = decode(msg.value, expected, now=now, limits=limits)
         if isinstance(result, Rejection):
-            batch.dead_letters.append(dead_letter(msg, result))
+            letters.append(dead_letter(msg, result))
         else:
             stream = Stream.METER if isinstance(result, MeterReading) else Stream.VEHICLE
-            batch.readings[stream].append(result)
-            batch.sources[stream].append(msg)
-        span = spans.get((msg.topic, msg.partition))
-        if span is None:
-            spans[(msg.topic, msg.partition)] = [msg.offset, msg.offset]
-        elif msg.offset < span[0]:
-            span[0] = msg.offset
-        elif msg.offset > span[1]:
-            span[1] = msg.offset
-    batch.offsets = {tp: OffsetRange(first, last + 1) for tp, (first, last) in spans.items()}
-    return batch
+            readings[stream].append(result)
+            sources[stream].append(msg)
+    if records:
+        offsets = [msg.offset for msg in records]
+        head = records[0]
+        tp = TopicPartition(head.topic, head.partition)
+        chunk.offsets[tp] = OffsetRange(min(offsets), max(offsets) + 1)
+    return chunk

@@ -18,7 +18,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
 from consumer.errors import ConfigError
-from consumer.metrics import CONSUMER_LAG
+from consumer.metrics import CONSUMER_LAG, PARTITIONS_HALTED
 from consumer.settings import Settings
 from consumer.store import Claim
 
@@ -138,7 +138,7 @@ async def ensure_topics(
 
 
 class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Keeps newly assigned partitions paused until the pipeline has claimed them.
+    """This member's book of partitions: pending claims, claims, halted partitions.
 
     Assigned partitions start paused and pending; the pipeline claims them in
     PostgreSQL (bumping their fence), seeks to the stored offsets and resumes.
@@ -147,14 +147,16 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
 
     A partition can also be deferred: pending, but not to be claimed before a
     given time (see Pipeline._write); a rebalance that revokes or assigns it
-    ends the deferral.
+    ends the deferral. A halted partition (a record batch it cannot decode)
+    stays claimed and paused until it leaves this member.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
         # pending partition -> the monotonic time it may be claimed from (0.0: now)
         self.pending: dict[TopicPartition, float] = {}
-        self.claims: dict[tuple[str, int], Claim] = {}
+        self.claims: dict[TopicPartition, Claim] = {}
+        self.halted: dict[TopicPartition, tuple[int, str]] = {}  # -> (offset, error)
 
     def defer(self, tp: TopicPartition, seconds: float) -> None:
         self.pending[tp] = time.monotonic() + seconds
@@ -171,13 +173,25 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
         return sorted(tp for tp, not_before in self.pending.items() if not_before <= now)
 
     def claimed(self, tp: TopicPartition, claim: Claim) -> None:
-        self.claims[(tp.topic, tp.partition)] = claim
+        self.claims[tp] = claim
         self.pending.pop(tp, None)
+
+    def halt(self, tp: TopicPartition, offset: int, error: str) -> None:
+        self.halted[tp] = (offset, error)
+        self._count_halted(tp.topic)
+
+    def _count_halted(self, topic: str) -> None:
+        PARTITIONS_HALTED.labels(topic).set(sum(tp.topic == topic for tp in self.halted))
+
+    def _forget(self, tp: TopicPartition) -> None:
+        self.pending.pop(tp, None)
+        self.claims.pop(tp, None)  # a fence from before is stale
+        if self.halted.pop(tp, None) is not None:
+            self._count_halted(tp.topic)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
-            self.pending.pop(tp, None)
-            self.claims.pop((tp.topic, tp.partition), None)
+            self._forget(tp)
             with contextlib.suppress(KeyError):  # no lag reported yet for it
                 CONSUMER_LAG.remove(tp.topic, str(tp.partition))
         log.info(
@@ -188,7 +202,7 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
         if assigned:
             self._consumer.pause(*assigned)
         for tp in assigned:
-            self.claims.pop((tp.topic, tp.partition), None)  # a fence from before is stale
+            self._forget(tp)
         self.pending.update(dict.fromkeys(assigned, 0.0))
         log.info(
             "partitions_assigned",

@@ -23,8 +23,9 @@ BATCH_WRITE_SECONDS = Histogram(
 )
 FRESHNESS_SECONDS = Histogram(
     "fleet_ingest_freshness_seconds",
-    "Event time to commit time of the newest reading in each batch.",
-    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+    "Event time to commit time of the newest reading in each batch (includes the device's "
+    "clock skew and its time to reach Kafka).",
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
 CONSUMER_LAG = Gauge(
     "fleet_consumer_lag_records",
@@ -33,7 +34,15 @@ CONSUMER_LAG = Gauge(
 )
 SINK_RETRIES = Counter(
     "fleet_sink_retries_total",
-    "Batch writes retried because the database was unavailable.",
+    "Database calls of the consumer (batch writes, partition claims, offset resets) retried "
+    "because the database was unavailable.",
+)
+PARTITIONS_HALTED = Gauge(
+    "fleet_partitions_halted",
+    "Assigned partitions this member stopped reading at a record batch it cannot decode "
+    "(corrupt, or compressed with a codec it lacks): the log names topic, partition and "
+    "offset. Alert on any non-zero value.",
+    ["topic"],
 )
 SINK_AVAILABLE = Gauge(
     "fleet_sink_available",
@@ -53,6 +62,16 @@ OFFSET_RESETS = Counter(
 HISTORY_PARTITIONS_DROPPED = Counter(
     "fleet_history_partitions_dropped_total",
     "Monthly history partitions dropped by the retention policy (FLEET_HISTORY_RETENTION_DAYS).",
+)
+MAINTENANCE_ERRORS = Counter(
+    "fleet_maintenance_errors_total",
+    "History maintenance runs (partitions ahead, retention) that failed; each is retried at "
+    "the next interval (FLEET_MAINTENANCE_INTERVAL_SECONDS).",
+)
+MAINTENANCE_LAST_SUCCESS = Gauge(
+    "fleet_maintenance_last_success_timestamp_seconds",
+    "When history maintenance last succeeded (Unix time); alert when it is older than a "
+    "few intervals: monthly partitions stop being prepared ahead.",
 )
 HISTORY_DEFAULT_ROWS = Gauge(
     "fleet_history_default_rows",

@@ -70,6 +70,21 @@ async def publish_readings(bootstrap: str, topic: str, readings: Sequence[dict[s
     return await publish(bootstrap, topic, (encode(r) for r in readings))
 
 
+async def publish_to_partition(
+    bootstrap: str, topic: str, partition: int, readings: Sequence[dict[str, Any]]
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(topic, key=key, value=value, partition=partition)
+            for key, value in (encode(r) for r in readings)
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
 async def consume_until_idle(settings: Settings, idle_timeout: float = 2.0) -> None:
     """Run the real service loop in-process until no record arrived for idle_timeout seconds."""
     await Service(settings).run(idle_timeout=idle_timeout)

@@ -29,7 +29,8 @@ class ConsumerProcess:
     def __init__(self, settings: Settings, name: str, *args: str) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path: Path = ARTIFACTS / f"{settings.group_id}-{name}.log"
-        env = settings_env(settings) | {"FLEET_HTTP_PORT": str(free_port())}
+        self.http_port = free_port()
+        env = settings_env(settings) | {"FLEET_HTTP_PORT": str(self.http_port)}
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "consumer", "run", *args],
@@ -54,6 +55,11 @@ class ConsumerProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Its JSON log lines whose event is `name`."""
+        lines = (json.loads(line) for line in self.output().splitlines() if line.startswith("{"))
+        return [line for line in lines if line.get("event") == name]
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
