@@ -16,6 +16,7 @@ turns into a ConfigError instead of waiting for ever.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 
 import asyncpg
 
@@ -29,7 +30,7 @@ class ConfigError(FleetError):
 
 
 class Fenced(FleetError):
-    def __init__(self, partitions: list[tuple[str, int]]) -> None:
+    def __init__(self, partitions: Sequence[tuple[str, int]]) -> None:
         super().__init__(f"partitions owned by another member: {partitions}")
         self.partitions = partitions
 
@@ -70,14 +71,36 @@ def misconfigured(what: str, exc: BaseException) -> ConfigError:
     )
 
 
+# asyncpg's own words for a connection or pool that went away under a call.
+_CONNECTION_GONE = ("connection is closed", "connection was closed", "pool is closing")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when retrying the same write later can succeed."""
+    """True when retrying the same write later can succeed.
+
+    Only what the server or the network did qualifies: a value the driver cannot
+    encode (asyncpg's client-side DataError), an unsupported feature or a misuse
+    of the driver fails the same way every time, so it is not retried.
+    """
     if is_misconfiguration(exc):
         return False
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-        return True  # refused, reset, closed mid-query, pool closing
+    if isinstance(exc, OSError | TimeoutError | asyncpg.ConnectionDoesNotExistError):
+        return True  # refused, reset, timed out, closed mid-query
+    if type(exc) is asyncpg.InterfaceError:
+        return any(words in str(exc) for words in _CONNECTION_GONE)
     if isinstance(exc, asyncpg.InternalClientError):
         return True  # a session ended mid-operation; Store closes that connection
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate or "")[:2] in _RETRIABLE_SQLSTATE_CLASSES
     return False
+
+
+# What the database or the driver refuses because of a value: the record's fault, so
+# the store writes such a batch row by row and dead-letters what is refused.
+# asyncpg.DataError is PostgreSQL's class 22; the driver's own, for a value it cannot
+# encode, has the same name in asyncpg.exceptions._base.
+REFUSED_DATA: tuple[type[Exception], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.exceptions._base.DataError,
+)

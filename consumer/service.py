@@ -1,4 +1,4 @@
-"""The running service: start in order, stop in reverse, both idempotent."""
+"""The running service: the parts a role needs, started in order, stopped in reverse."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import enum
 import random
 import signal
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -24,6 +23,7 @@ from consumer.api.routes import api_routes
 from consumer.api.security import security_middlewares
 from consumer.errors import ConfigError, is_misconfiguration, is_transient, misconfigured
 from consumer.kafka import PartitionTracker, make_consumer, make_producer, member_name
+from consumer.maintenance import HistoryMaintenance
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
 from consumer.store import Store
@@ -31,7 +31,10 @@ from consumer.store import Store
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-_PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
+# How long start() waits for a dependency the API can serve without (it keeps connecting
+# in the background): long enough that a normal start is fully connected when it returns.
+_FIRST_CONNECT_S = 5.0
+_SHUTDOWN_WAIT_S = 30.0
 
 
 async def _until_up(
@@ -68,6 +71,22 @@ class Role(enum.StrEnum):
 
 
 class Service:
+    """One process of the platform, in the role it was given.
+
+    start() brings the parts up in order: the HTTP server first (health answers at
+    once); for the consuming roles the store's pool, history maintenance, the producer
+    and the consumer group; for the API its own pool (FLEET_API_DATABASE_URL, else
+    FLEET_DATABASE_URL; never the store's, never a fallback) and the producer, which
+    connect independently in the background once start() has waited a moment, so
+    analytics need only the database and HTTP ingestion only the broker.
+
+    Every part, once started, is registered on one AsyncExitStack: stop(), or an error
+    anywhere in start() or run(), stops exactly what was started, in reverse order.
+    run() drives the pipeline (or, in the api role, serves) until SIGTERM or SIGINT, or
+    until a bounded run ends; a pipeline that fails stops the whole service and its
+    error is re-raised.
+    """
+
     def __init__(self, settings: Settings, role: Role = Role.ALL) -> None:
         self.settings = settings
         self.role = role
@@ -76,29 +95,31 @@ class Service:
         self.deps = ApiDeps(settings)
         self.stopping = asyncio.Event()
         self.store: Store | None = None
-        self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
-        self.pipeline: Pipeline | None = None
-        self.http: web.AppRunner | None = None
         self.api_pool: asyncpg.Pool | None = None
-        self._maintenance: asyncio.Task[None] | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.pipeline: Pipeline | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._failed: BaseException | None = None  # what a background connection hit
 
     async def start(self) -> bool:
-        """Start everything; False when asked to stop before the dependencies came up."""
+        """Start everything; False when asked to stop before the dependencies came up.
+        Whatever start() raises, what it had started is stopped again."""
+        self._stack = contextlib.AsyncExitStack()
+        try:
+            return await self._start(self._stack)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> bool:
         s = self.settings
-        api = self.serves_api
-        self.http = web.AppRunner(
-            make_app(
-                {"database": self._check_database, "broker": self._check_broker},
-                before_scrape=self._report_pool,
-                deps=self.deps,
-                routes=api_routes() if api else [],
-                middlewares=security_middlewares(s) if api else [],
-            )
-        )
-        await self.http.setup()
-        await web.TCPSite(self.http, s.http_host, s.http_port).start()
-        log.info("http_listening", host=s.http_host, port=s.http_port)
+        await self._serve_http(stack)
+        if not self.consumes:  # the api role: each dependency on its own
+            await self._connect_in_background(stack, "broker", lambda: self._start_producer(stack))
+            await self._connect_in_background(stack, "api database", self._open_api_pool)
+            log.info("api_started", role=self.role.value)
+            return True
 
         self.store = await _until_up(
             "database",
@@ -107,95 +128,63 @@ class Service:
                 group_id=s.group_id,
                 owner=member_name(),
                 idle_in_transaction_timeout_ms=s.db_idle_in_transaction_timeout_ms,
-                max_size=s.write_lanes + 2,  # lanes, claims, readiness probe
+                command_timeout=s.db_command_timeout_seconds,
+                max_size=s.write_lanes + 2,  # lanes, claims, maintenance and readiness
             ),
             self.stopping,
         )
         if self.store is None:
             return False
+        stack.push_async_callback(self.store.close)
         metrics.SINK_AVAILABLE.set(1)  # connected; the pipeline sets 0 while it waits for it
-        self.deps.pool = self.store.pool
-        if self.serves_api and s.api_database_url is not None:
-            api_dsn = s.api_database_url.get_secret_value()
-            self.api_pool = await _until_up(
-                "api database",
-                lambda: asyncpg.create_pool(api_dsn, min_size=1, max_size=8),
-                self.stopping,
-            )
-            if self.api_pool is None:
-                return False
-            self.deps.pool = self.api_pool
-        if self.consumes:  # the api role may point at a read-only replica
-            await self.maintain_history()
-            self._maintenance = asyncio.create_task(self._maintain_history_hourly())
+        maintenance = asyncio.create_task(HistoryMaintenance(self.store, s).supervise())
+        stack.push_async_callback(_cancelled, maintenance)
+        if self.serves_api:
+            await self._connect_in_background(stack, "api database", self._open_api_pool)
 
-        self.producer = make_producer(s)  # dead letters, and HTTP ingestion
-        await _until_up("broker", self._start_producer, self.stopping)
-        if self.stopping.is_set():
+        if await _until_up("broker", lambda: self._start_producer(stack), self.stopping) is None:
             return False
-        self.deps.producer = self.producer
-        if not self.consumes:
-            log.info("api_started", role=self.role.value)
-            return True
         self.consumer = make_consumer(s)
         tracker = PartitionTracker(self.consumer)
         self.consumer.subscribe(list(s.topics), listener=tracker)
-        await _until_up("broker", self.consumer.start, self.stopping)
-        if self.stopping.is_set():
+        if await _until_up("broker", self._start_consumer(stack), self.stopping) is None:
             return False
         self.pipeline = Pipeline(s, self.store, self.consumer, tracker, self.producer)
         log.info("consumer_started", group=s.group_id, topics=list(s.topics), member=member_name())
         return True
 
     async def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> None:
-        if await self.start() and self.pipeline is None:
-            await self.stopping.wait()  # the api role: serve until SIGTERM
-        elif self.pipeline is not None:
-            runner = asyncio.create_task(self.pipeline.run(max_batches, idle_timeout))
-            stopper = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            self.pipeline.stop()  # finish the batch in hand
-            try:
-                await asyncio.wait_for(runner, timeout=30)
-            except TimeoutError:
-                log.warning("shutdown_timed_out", waited_seconds=30)
-            stopper.cancel()
-        await self.stop()
-
-    async def _start_producer(self) -> None:
-        assert self.producer is not None  # noqa: S101 -- set just before
+        """Start, consume (or serve) until asked to stop, then stop; re-raises a failure."""
         try:
-            await self.producer.start()
-        except UnknownError as exc:
-            await self.producer.stop()
-            if self.settings.kafka_idempotent_producer:
-                raise ConfigError(
-                    "the broker refused an idempotent producer (InitProducerId); for brokers "
-                    "without it set FLEET_KAFKA_IDEMPOTENT_PRODUCER=false"
-                ) from exc
-            raise
+            if not await self.start():
+                return
+            stopper = asyncio.create_task(self.stopping.wait())
+            if self.pipeline is None:
+                await stopper  # the api role: serve until SIGTERM
+            else:
+                runner = asyncio.create_task(self.pipeline.run(max_batches, idle_timeout))
+                await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                self.pipeline.stop()  # finish the batches in hand
+                done, _ = await asyncio.wait({runner}, timeout=_SHUTDOWN_WAIT_S)
+                if not done:
+                    log.warning("shutdown_timed_out", waited_seconds=_SHUTDOWN_WAIT_S)
+                    await _cancelled(runner)
+                else:
+                    runner.result()  # re-raise what stopped the pipeline
+        finally:
+            await self.stop()
+        if self._failed is not None:
+            raise self._failed
 
     async def stop(self) -> None:
-        """Reverse order of start(); safe to call twice."""
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            self._maintenance = None
-        if self.consumer is not None:
-            await self.consumer.stop()
-            self.consumer = None
-        if self.producer is not None:
-            await self.producer.stop()
-            self.producer = None
-        if self.api_pool is not None:
-            await self.api_pool.close()
-            self.api_pool = None
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
-        if self.http is not None:
-            await self.http.cleanup()
-            self.http = None
+        """Stop what was started, in reverse order; safe to call twice."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        await stack.aclose()
         self.deps.pool = self.deps.producer = None
+        self.store = self.api_pool = self.producer = self.consumer = None
         log.info("stopped")
 
     def install_signal_handlers(self) -> None:
@@ -207,42 +196,108 @@ class Service:
         log.info("stop_requested", signal=sig.name)
         self.stopping.set()
 
-    async def maintain_history(self) -> None:
-        """Prepare monthly partitions ahead, drop those past retention, watch the default."""
-        assert self.store is not None  # noqa: S101 -- called once the store is open
+    # --- the parts ---------------------------------------------------------------------
+
+    async def _serve_http(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
-        months_back = s.partitions_months_back
-        if s.history_retention_days is not None:  # do not re-create what retention drops
-            months_back = min(months_back, s.history_retention_days // 31)
-        created = await self.store.prepare_partitions(months_back, s.partitions_months_ahead)
-        if created:
-            log.info("history_partitions_prepared", created=created)
-        if s.history_retention_days is not None:
-            cutoff = datetime.now(UTC) - timedelta(days=s.history_retention_days)
-            dropped = await self.store.drop_history_before(cutoff)
-            if dropped:
-                metrics.HISTORY_PARTITIONS_DROPPED.inc(len(dropped))
-                log.info(
-                    "history_partitions_dropped", partitions=dropped, before=cutoff.isoformat()
-                )
-        meters, vehicles = await self.store.default_partition_rows()
-        metrics.HISTORY_DEFAULT_ROWS.labels("meter").set(meters)
-        metrics.HISTORY_DEFAULT_ROWS.labels("vehicle").set(vehicles)
+        checks = {}
+        if self.consumes:
+            checks["database"] = self._check_store
+        if self.serves_api:
+            checks["api_database" if self.consumes else "database"] = self._check_api_pool
+        checks["broker"] = self._check_broker
+        runner = web.AppRunner(
+            make_app(
+                checks,
+                before_scrape=self._report_pools,
+                deps=self.deps,
+                routes=api_routes() if self.serves_api else [],
+                middlewares=security_middlewares(s) if self.serves_api else [],
+            )
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await web.TCPSite(runner, s.http_host, s.http_port).start()
+        log.info("http_listening", host=s.http_host, port=s.http_port)
 
-    async def _maintain_history_hourly(self) -> None:
-        while True:
-            await asyncio.sleep(_PARTITION_MAINTENANCE_INTERVAL_S)
-            try:
-                await self.maintain_history()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("history_maintenance_deferred", error=repr(exc))
+    async def _open_api_pool(self) -> asyncpg.Pool:
+        s = self.settings
+        dsn = (s.api_database_url or s.database_url).get_secret_value()
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=s.api_pool_size,
+            timeout=s.db_command_timeout_seconds,
+            command_timeout=s.db_command_timeout_seconds,
+            server_settings={"application_name": f"fleet-api {member_name()}"[:63]},
+        )
+        assert self._stack is not None  # noqa: S101 -- set while starting
+        self._stack.push_async_callback(_close_pool, pool)
+        self.api_pool = self.deps.pool = pool
+        return pool
 
-    async def _check_database(self) -> None:
+    async def _start_producer(self, stack: contextlib.AsyncExitStack) -> AIOKafkaProducer:
+        """The producer for dead letters and HTTP ingestion; one that fails to start is closed."""
+        producer = make_producer(self.settings)
+        try:
+            await producer.start()
+        except UnknownError as exc:
+            await producer.stop()
+            if self.settings.kafka_idempotent_producer:
+                raise ConfigError(
+                    "the broker refused an idempotent producer (InitProducerId); for brokers "
+                    "without it set FLEET_KAFKA_IDEMPOTENT_PRODUCER=false"
+                ) from exc
+            raise
+        except BaseException:
+            await producer.stop()  # a failed start leaves its client open
+            raise
+        stack.push_async_callback(producer.stop)
+        self.producer = self.deps.producer = producer
+        return producer
+
+    def _start_consumer(
+        self, stack: contextlib.AsyncExitStack
+    ) -> Callable[[], Awaitable[AIOKafkaConsumer]]:
+        consumer = self.consumer
+        assert consumer is not None  # noqa: S101 -- made just before
+
+        async def start() -> AIOKafkaConsumer:
+            await consumer.start()
+            stack.push_async_callback(consumer.stop)  # leaves the group at once
+            return consumer
+
+        return start
+
+    async def _connect_in_background(
+        self, stack: contextlib.AsyncExitStack, what: str, connect: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """Connect, waiting at most a moment here, then on in the background. An error
+        that waiting cannot fix (a misconfiguration) stops the service."""
+        task = asyncio.create_task(_until_up(what, connect, self.stopping))
+        stack.push_async_callback(_cancelled, task)
+        task.add_done_callback(self._on_background_done)
+        await asyncio.wait({task}, timeout=_FIRST_CONNECT_S)
+
+    def _on_background_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._failed = task.exception()
+        log.error("dependency_failed", error=str(self._failed))
+        self.stopping.set()
+
+    # --- readiness and metrics -----------------------------------------------------------
+
+    async def _check_store(self) -> None:
         if self.store is None:
             raise ConnectionError("not connected")
         await self.store.ping()
+
+    async def _check_api_pool(self) -> None:
+        if self.api_pool is None:
+            raise ConnectionError("not connected")
+        async with self.api_pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
 
     async def _check_broker(self) -> None:
         if self.producer is None:
@@ -252,7 +307,7 @@ class Service:
         except KafkaError as exc:
             raise ConnectionError(str(exc)) from exc
 
-    def _report_pool(self) -> None:
+    def _report_pools(self) -> None:
         pools = {"store": self.store.pool if self.store else None, "api": self.api_pool}
         for name, pool in pools.items():
             if pool is None:
@@ -261,3 +316,16 @@ class Service:
             gauge.labels(name, "max").set(pool.get_max_size())
             gauge.labels(name, "idle").set(pool.get_idle_size())
             gauge.labels(name, "in_use").set(pool.get_size() - pool.get_idle_size())
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancel a task and wait for it to end, whatever it ended with."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _close_pool(pool: asyncpg.Pool, timeout: float = 10.0) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        pool.terminate()

@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     dlq_topic: str = "telemetry-dlq"
     group_id: str = "fleet-ingest"
 
-    # Batching: a batch closes at whichever limit comes first.
+    # Batching is natural: a free write lane takes whatever has arrived at once; while
+    # a lane writes, its next batch grows, up to this many records (also what a lane
+    # holds in memory, besides the batch in flight).
     batch_max_records: int = Field(default=10_000, ge=1, le=100_000)
-    batch_max_wait_ms: int = Field(default=500, ge=1, le=60_000)
     # Transactions in flight at once, each on its own connection and its own
     # share of the partitions (a partition's batches always commit in order).
     write_lanes: int = Field(default=2, ge=1, le=16)
@@ -108,12 +109,18 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=10.0, gt=0)
     # A consumer paused in the middle of a transaction must not hold locks for ever.
     db_idle_in_transaction_timeout_ms: int = Field(default=30_000, ge=1000)
+    # Longest a connect or a statement may take before the connection is given up for
+    # dead and the call retried: a connection that died silently (no RST) must not
+    # stall a lane.
+    db_command_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # History partitions prepared around "now" (months).
     partitions_months_back: int = Field(default=3, ge=0)
     partitions_months_ahead: int = Field(default=3, ge=1)
     # Drop whole monthly history partitions once entirely older than this; unset: keep all.
     history_retention_days: int | None = Field(default=None, ge=1)
+    # How often partitions are prepared and retention applied (also the retry interval).
+    maintenance_interval_seconds: float = Field(default=3600.0, ge=1)
 
     # HTTP (metrics, health; the analytics API joins it).
     http_host: str = "0.0.0.0"  # noqa: S104 -- a service port, bound on purpose
@@ -121,8 +128,10 @@ class Settings(BaseSettings):
 
     # --- analytics API (sidecar): read side ---
     # The API's own connection (a replica, or a login granted the fleet_api role of
-    # sql/007); unset: FLEET_DATABASE_URL.
+    # sql/007); unset: FLEET_DATABASE_URL. Always its own pool: analytics cannot take
+    # the write lanes' connections, nor ingestion the API's.
     api_database_url: SecretStr | None = None
+    api_pool_size: int = Field(default=8, ge=1, le=100)
     analytics_default_window_hours: int = Field(default=24, ge=1, le=24 * 366)
     analytics_max_window_days: int = Field(default=31, ge=1, le=366)
     # Efficiency = DC delivered / AC consumed: below the first is a fault, above

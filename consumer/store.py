@@ -33,15 +33,14 @@ from typing import Any
 
 import asyncpg
 import structlog
+from aiokafka import TopicPartition
 
 from consumer.batch import Batch, DeadLetter, OffsetRange, dead_letter
 from consumer.decode import Reason, Rejection
-from consumer.errors import Fenced
+from consumer.errors import REFUSED_DATA, Fenced
 from consumer.models import MeterReading, Reading, Stream, VehicleReading
 
 log = structlog.get_logger(__name__)
-
-TopicPartition = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +135,17 @@ class Store:
         group_id: str,
         owner: str,
         idle_in_transaction_timeout_ms: int = 30_000,
+        command_timeout: float | None = None,
         max_size: int = 4,
     ) -> Store:
         pool = await asyncpg.create_pool(
             dsn,
             min_size=1,
             max_size=max_size,
+            # A connection that died without a word (no RST) must fail the call, not stall
+            # it: the connect and every statement are bounded, and the retry path takes over.
+            timeout=command_timeout or 60.0,
+            command_timeout=command_timeout,
             server_settings={
                 "application_name": f"fleet-consumer {owner}"[:63],
                 "idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms),
@@ -153,11 +157,12 @@ class Store:
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection. One whose session the server ended in the middle of an
         operation (a restart, pg_terminate_backend) can leave the client's protocol state
-        behind (InternalClientError, MagicStack/asyncpg#1069): it is closed, not pooled."""
+        behind (InternalClientError, MagicStack/asyncpg#1069), and one whose statement
+        timed out may be dead or still busy: either is closed, not pooled."""
         async with self.pool.acquire() as conn:
             try:
                 yield conn
-            except asyncpg.InternalClientError:
+            except (asyncpg.InternalClientError, TimeoutError):
                 conn.terminate()
                 raise
 
@@ -203,7 +208,10 @@ class Store:
                 [p for _, p in ordered],
                 self.owner,
             )
-        return {(r["topic"], r["partition"]): Claim(r["next_offset"], r["fence"]) for r in rows}
+        return {
+            TopicPartition(r["topic"], r["partition"]): Claim(r["next_offset"], r["fence"])
+            for r in rows
+        }
 
     async def reset_offset(self, tp: TopicPartition, claim: Claim, next_offset: int) -> bool:
         """Move a claimed partition's stored offset (the log it pointed into is gone);
@@ -238,7 +246,7 @@ class Store:
                         dead_letters=list(batch.dead_letters), committed_earlier=True
                     )
                 _raise_if_fenced(row)  # a fenced call wrote nothing
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            except REFUSED_DATA as exc:
                 log.warning("batch_refused_by_database", error=str(exc), records=len(batch))
             else:
                 result = WriteResult(dead_letters=list(batch.dead_letters))
@@ -277,8 +285,9 @@ class Store:
                             row = await self._call(conn, meters=[reading])
                         else:
                             row = await self._call(conn, vehicles=[reading])
-                except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-                    detail = f"{exc.sqlstate}: {exc}"[:500]
+                except REFUSED_DATA as exc:
+                    code = getattr(exc, "sqlstate", None) or "driver"
+                    detail = f"{code}: {exc}"[:500]
                     rejection = Rejection(Reason.DATABASE_REJECTED, detail, stream)
                     result.dead_letters.append(dead_letter(source, rejection))
                     continue
@@ -328,7 +337,9 @@ class Store:
 
 def _raise_if_fenced(row: asyncpg.Record) -> None:
     if row["fenced"]:
-        raise Fenced([(t, int(p)) for t, p in (f.rsplit("/", 1) for f in row["fenced"])])
+        raise Fenced(
+            [TopicPartition(t, int(p)) for t, p in (f.rsplit("/", 1) for f in row["fenced"])]
+        )
 
 
 def _count(counts: StreamCounts, readings: Sequence[Reading], stored: int, live: int) -> None:

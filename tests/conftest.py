@@ -80,7 +80,6 @@ def make_settings(broker: str, database_url: str, **overrides: Any) -> Settings:
         "dlq_topic": f"dlq-{suffix}",
         "group_id": f"group-{suffix}",
         "batch_max_records": 500,
-        "batch_max_wait_ms": 200,
         "session_timeout_ms": 6000,
         "heartbeat_interval_ms": 1000,
         "kafka_idempotent_producer": False,  # tansu does not implement InitProducerId

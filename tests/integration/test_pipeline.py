@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
+from aiokafka import TopicPartition
+from prometheus_client import REGISTRY
 
+from consumer.batch import OffsetRange, build_batch
+from consumer.decode import Limits
+from consumer.models import MeterReading, Stream
 from consumer.service import Service
 from consumer.settings import Settings
+from consumer.store import Store
 from tests.conftest import wait_until
 from tests.integration.helpers import (
     consume_until_idle,
     dec,
+    encode,
     expected_history,
     history_keys,
     meter,
@@ -20,6 +29,7 @@ from tests.integration.helpers import (
     newest_by_device,
     offsets_reach,
     publish_readings,
+    publish_to_partition,
     running_service,
     vehicle,
 )
@@ -134,7 +144,8 @@ async def test_metrics_and_health_are_served_while_consuming(settings: Settings)
     assert 'fleet_ingest_records_total{outcome="stored",stream="meter"}' in text
     assert "fleet_batch_write_duration_seconds_bucket" in text
     assert "fleet_consumer_lag_records{" in text
-    assert ready == (200, {"status": "ready", "checks": {"database": "ok", "broker": "ok"}})
+    checks = {"database": "ok", "api_database": "ok", "broker": "ok"}
+    assert ready == (200, {"status": "ready", "checks": checks})
     assert missing[0] == 404
     assert missing[1]["error"]["code"] == "not_found"
 
@@ -162,3 +173,71 @@ async def test_reading_the_database_refuses_is_dead_lettered_alone(
     assert await db.fetchval("SELECT count(*) FROM meter_live WHERE meter_id = 'banned'") == 0
     stored = await db.fetchval("SELECT sum(next_offset) FROM consumer_offsets")
     assert stored == len(readings)
+
+
+def batches_over(limit: float) -> float:
+    """Committed batches so far with more records than limit (a histogram bucket bound)."""
+    total = REGISTRY.get_sample_value("fleet_batch_records_count") or 0.0
+    within = REGISTRY.get_sample_value("fleet_batch_records_bucket", {"le": str(limit)}) or 0.0
+    return total - within
+
+
+async def test_no_batch_holds_more_than_the_batch_limit(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """FLEET_BATCH_MAX_RECORDS bounds every batch, also when every waiting record belongs to
+    the partitions of one write lane."""
+    s = settings.model_copy(update={"batch_max_records": 50, "write_lanes": 2})
+    # Partitions 0 and 2 of the mixed topic go to the same one of the two lanes.
+    for partition in (0, 2):
+        readings = [meter(f"m-{partition}-{i}", minute) for i in range(20) for minute in range(10)]
+        await publish_to_partition(s.kafka_bootstrap_servers, s.mixed_topic, partition, readings)
+    before = batches_over(50.0)
+
+    await consume_until_idle(s)
+
+    assert await db.fetchval("SELECT count(*) FROM meter_history") == 400
+    assert batches_over(50.0) == before
+
+
+async def test_a_value_the_driver_cannot_encode_is_dead_lettered_not_retried(
+    settings: Settings, database: str, db: asyncpg.Connection
+) -> None:
+    """A reading the driver refuses to encode (validation should make that impossible) would
+    fail the same way on every retry: it becomes a database_rejected dead letter and the
+    rest of its batch lands, instead of the batch being retried for ever."""
+    tp = (settings.mixed_topic, 0)
+
+    class Msg:
+        topic, partition, key = settings.mixed_topic, 0, b"m"
+
+        def __init__(self, offset: int, value: bytes) -> None:
+            self.offset, self.value = offset, value
+
+    batch = build_batch(
+        [Msg(0, encode(meter("m-good", 0))[1])],
+        {settings.mixed_topic: None},
+        now=datetime.now(UTC),
+        limits=Limits(),
+    )
+    # A value validation let through, standing for a bug in the models: not a float.
+    odd = MeterReading.model_construct(
+        meterId="m-odd", kwhConsumedAc="not a number", voltage=230.0, timestamp=datetime.now(UTC)
+    )
+    batch.readings[Stream.METER].append(odd)
+    batch.sources[Stream.METER].append(Msg(1, b'{"meterId": "m-odd"}'))
+    batch.offsets[TopicPartition(*tp)] = OffsetRange(0, 2)
+    store = await Store.open(database, group_id=settings.group_id, owner="test")
+    try:
+        claims = await store.claim([tp])
+        result = await asyncio.wait_for(store.write(batch, claims), timeout=10)
+    finally:
+        await store.close()
+
+    assert result.counts[Stream.METER].stored == 1
+    (letter,) = result.dead_letters
+    assert letter.rejection.reason == "database_rejected"
+    assert letter.offset == 1
+    assert await db.fetchval("SELECT count(*) FROM meter_history") == 1
+    assert await db.fetchval("SELECT reason FROM dead_letters") == "database_rejected"
+    assert await db.fetchval("SELECT next_offset FROM consumer_offsets") == 2

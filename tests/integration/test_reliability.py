@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -27,6 +29,7 @@ from tests.integration.helpers import (
     expected_history,
     history_keys,
     mixed_fleet,
+    offsets_reach,
     publish,
     running_service,
     stored_offsets,
@@ -322,6 +325,90 @@ async def test_a_zombie_stopped_mid_write_is_fenced_when_it_wakes(
     # Woken, it waits for the group's verdict instead of taking back what it was fenced from.
     woken = _events(zombie)[_events(zombie).index("batch_fenced") :]
     assert "partitions_claimed" not in woken[: woken.index("partitions_assigned")]
+
+
+async def test_partitions_revoked_while_being_claimed_do_not_stop_the_consumer(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A rebalance that takes partitions away in the middle of a claim (here: while the member
+    asks the broker where its fresh partitions start) is no error: the member claims what it
+    still has and stores its readings once."""
+    readings = mixed_fleet(meters=40, vehicles=0, rounds=5)
+    await publish(settings.kafka_bootstrap_servers, settings.meter_topic, map(encode, readings))
+    service = Service(settings)
+    assert await service.start()
+    assert service.pipeline is not None and service.consumer is not None
+    consumer, gate, at_gate = service.consumer, asyncio.Event(), asyncio.Event()
+    for name in ("beginning_offsets", "seek_to_beginning"):  # where a claim looks the start up
+        setattr(consumer, name, _gated(getattr(consumer, name), gate, at_gate))
+    runner = asyncio.create_task(service.pipeline.run())
+    try:
+        await asyncio.wait_for(at_gate.wait(), timeout=30)
+        # A rebalance through the broker that revokes every partition being claimed but the
+        # meter topic's: the group's answer to a narrower subscription.
+        consumer.subscribe([settings.meter_topic], listener=service.pipeline.tracker)
+        await wait_until(lambda: _only_topic(consumer, settings.meter_topic), timeout=60)
+        gate.set()
+        await wait_until(lambda: offsets_reach(db, settings.meter_topic, len(readings)))
+        assert not runner.done(), runner.exception()
+    finally:
+        service.pipeline.stop()
+        await runner
+        await service.stop()
+    meters = await history_keys(db, "meter_history", "meter_id")
+    assert sorted(meters) == sorted(expected_history(readings, "meterId"))
+
+
+def _gated(
+    original: Callable[..., Awaitable[Any]], gate: asyncio.Event, at_gate: asyncio.Event
+) -> Callable[..., Awaitable[Any]]:
+    """The client's own call, once the test opens the gate: a rebalance can happen meanwhile."""
+
+    async def gated(*args: object) -> Any:
+        at_gate.set()
+        await gate.wait()
+        return await original(*args)
+
+    return gated
+
+
+async def _only_topic(consumer: Any, topic: str) -> bool:
+    assignment = consumer.assignment()
+    return bool(assignment) and {tp.topic for tp in assignment} == {topic}
+
+
+async def test_a_write_stuck_on_a_silent_connection_times_out_and_is_retried(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A connection that stops answering without closing (no RST) does not stall a lane: the
+    statement times out (FLEET_DB_COMMAND_TIMEOUT_SECONDS), the connection is dropped and the
+    write retried. The stalled statement still reaches the server later; nothing is lost or
+    stored twice."""
+    proxy = TcpProxy(settings.database_url.get_secret_value())
+    await proxy.start()
+    settings = settings.model_copy(
+        update={"database_url": SecretStr(proxy.dsn), "db_command_timeout_seconds": 1.5}
+    )
+    readings, messages = stream_with_rejects(meters=20, vehicles=20, rounds=10)
+    half = len(messages) // 2
+    await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[:half])
+    try:
+        async with running_service(settings):
+            await wait_until(lambda: _offsets_at(db, settings, half))
+            retried = REGISTRY.get_sample_value("fleet_sink_retries_total") or 0.0
+            proxy.hold()  # what the consumer sends from now on goes nowhere, silently
+            await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[half:])
+            await wait_until(lambda: _held(proxy))
+            await wait_until(lambda: _counter_above("fleet_sink_retries_total", retried), 20)
+            proxy.release()
+            await wait_until(lambda: _offsets_at(db, settings, len(messages)))
+    finally:
+        await proxy.cut()
+    await assert_exactly_once(db, settings, readings, messages)
+
+
+async def _counter_above(name: str, value: float) -> bool:
+    return (REGISTRY.get_sample_value(name) or 0.0) > value
 
 
 async def _held(proxy: TcpProxy) -> bool:

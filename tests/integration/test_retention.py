@@ -1,15 +1,19 @@
-"""History retention: whole monthly partitions, never row-by-row deletes; the default watched."""
+"""History maintenance: retention by whole monthly partitions, the default partition watched,
+and a maintenance task that survives its own failures."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import asyncpg
 from prometheus_client import REGISTRY
 
-from consumer.service import Service
+from consumer.maintenance import HistoryMaintenance
 from consumer.settings import Settings
 from consumer.store import Store
+from tests.conftest import wait_until
+from tests.integration.helpers import meter, offsets_reach, publish_readings, running_service
 
 INSERT = 'INSERT INTO meter_history (meter_id, kwh_consumed_ac, voltage, "timestamp") VALUES ($1, 1, 230, $2)'
 
@@ -52,13 +56,15 @@ async def test_maintenance_applies_retention_and_reports_the_default_partition(
     await db.execute(INSERT, "old", datetime(2023, 1, 10, tzinfo=UTC))
     await db.execute(INSERT, "outlier", datetime(2001, 1, 1, tzinfo=UTC))  # lands in the default
     await db.execute(INSERT, "recent", now)
-    service = Service(settings.model_copy(update={"history_retention_days": 365}))
-    service.store = await Store.open(database, group_id=settings.group_id, owner="test")
+    store = await Store.open(database, group_id=settings.group_id, owner="test")
+    maintenance = HistoryMaintenance(
+        store, settings.model_copy(update={"history_retention_days": 365})
+    )
     try:
         before = REGISTRY.get_sample_value("fleet_history_partitions_dropped_total") or 0
-        await service.maintain_history()
+        await maintenance.run_once()
     finally:
-        await service.store.close()
+        await store.close()
 
     assert not await _exists(db, "meter_history_y2023m01")
     assert await _exists(db, f"meter_history_y{now:%Y}m{now:%m}")
@@ -66,3 +72,31 @@ async def test_maintenance_applies_retention_and_reports_the_default_partition(
     assert devices == {"outlier", "recent"}
     assert REGISTRY.get_sample_value("fleet_history_partitions_dropped_total") == before + 1
     assert REGISTRY.get_sample_value("fleet_history_default_rows", {"stream": "meter"}) == 1
+
+
+async def test_maintenance_that_fails_is_counted_and_retried_while_ingestion_goes_on(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A maintenance run that fails (here its function is missing) is logged, counted and
+    retried at the next interval; it neither stops the service nor ends for good, and once
+    the cause is gone the next run succeeds."""
+    settings = settings.model_copy(update={"maintenance_interval_seconds": 1})
+    errors = REGISTRY.get_sample_value("fleet_maintenance_errors_total") or 0.0
+    await db.execute("ALTER FUNCTION fleet_prepare_history_partitions RENAME TO fleet_prepare_gone")
+    async with running_service(settings):
+        await wait_until(lambda: _counter_at_least("fleet_maintenance_errors_total", errors + 2))
+        await publish_readings(
+            settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0)]
+        )
+        await wait_until(lambda: offsets_reach(db, settings.mixed_topic, 1))
+        await db.execute(
+            "ALTER FUNCTION fleet_prepare_gone RENAME TO fleet_prepare_history_partitions"
+        )
+        fixed = time.time()
+        await wait_until(
+            lambda: _counter_at_least("fleet_maintenance_last_success_timestamp_seconds", fixed)
+        )
+
+
+async def _counter_at_least(name: str, value: float) -> bool:
+    return (REGISTRY.get_sample_value(name) or 0.0) >= value

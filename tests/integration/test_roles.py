@@ -143,3 +143,30 @@ async def test_the_api_answers_503_with_retry_after_while_its_database_is_away(
 
 async def _status_is(base: str, path: str, status: int) -> bool:
     return (await _get(base, path))[0] == status
+
+
+async def test_readiness_in_the_api_role_follows_the_apis_own_database(
+    settings: Settings,
+) -> None:
+    """`--role api` with FLEET_API_DATABASE_URL (a replica): /readyz says not ready while that
+    database is away, although FLEET_DATABASE_URL's is up, and ready again once it is back."""
+    proxy = TcpProxy(settings.database_url.get_secret_value())
+    await proxy.start()
+    service = Service(
+        settings.model_copy(update={"api_database_url": SecretStr(proxy.dsn)}), Role.API
+    )
+    base = f"http://127.0.0.1:{settings.http_port}"
+    try:
+        assert await service.start()
+        assert await _get(base, "/readyz") == (
+            200,
+            {"status": "ready", "checks": {"database": "ok", "broker": "ok"}},
+        )
+        await proxy.cut()
+        status, body = await _get(base, "/readyz")
+        assert (status, body["checks"]["database"][:11]) == (503, "unavailable")
+        await proxy.start()
+        await wait_until(lambda: _status_is(base, "/readyz", 200), timeout=30)
+    finally:
+        await service.stop()
+        await proxy.cut()
