@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench chaos up down clean
+.PHONY: help install test-deps demo test lint bench chaos up down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -21,7 +21,10 @@ install: $(STAMP) ## create .venv and install the project with its dev tools
 demo: $(STAMP) ## run broker, database, consumer and a simulated fleet locally
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) lint ## lint, then every test (real PostgreSQL and a local broker)
+test-deps: ## install the Debian packages the tests use (prometheus, docker-compose) if missing
+	@scripts/test-deps.sh
+
+test: $(STAMP) test-deps lint ## lint, then every test (real PostgreSQL and a local broker)
 	$(BIN)/pytest
 
 lint: $(STAMP) ## ruff and mypy --strict
