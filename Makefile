@@ -32,8 +32,9 @@ lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff format --check consumer producer_sim tests scripts
 	$(BIN)/mypy
 
-bench: $(STAMP) ## ingest and API benchmarks (print numbers; see BENCHMARKS.md)
+bench: $(STAMP) ## ingest, freshness and API benchmarks (print numbers; see BENCHMARKS.md)
 	$(BIN)/python scripts/bench_ingest.py
+	$(BIN)/python scripts/bench_freshness.py
 	$(BIN)/python scripts/bench_api.py
 
 chaos: $(STAMP) ## soak with kill -9, PostgreSQL crashes and outages, broker restart (~8 min; RELIABILITY.md)

@@ -95,6 +95,7 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         auto_offset_reset="none",
         isolation_level="read_committed",
         fetch_max_bytes=settings.fetch_max_bytes,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     # Memory bounds on what the Kafka client may hold.
     fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_partition_fetch_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # Kafka's fetch.max.wait.ms: how long a fetch may wait at the broker for records.
+    # Apache Kafka answers as soon as records arrive, so this costs nothing there; brokers
+    # that only answer when the wait is over (tansu) add up to this much latency.
+    fetch_max_wait_ms: int = Field(default=100, ge=1, le=10_000)
 
     # Group membership.
     session_timeout_ms: int = Field(default=10_000, ge=1000)

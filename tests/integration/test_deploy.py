@@ -228,9 +228,7 @@ def test_compose_files_validate_against_the_compose_spec_schema() -> None:
 def test_docker_compose_loads_the_stack_alone_with_the_simulator_and_with_three_brokers() -> None:
     """A real Compose implementation (`docker-compose config`) accepts every way of running
     the stack, without an unset-variable warning."""
-    binary = os.environ.get("FLEET_TEST_DOCKER_COMPOSE") or shutil.which("docker-compose")
-    if not binary:
-        pytest.fail("needs Compose: apt-get install docker-compose (or FLEET_TEST_DOCKER_COMPOSE)")
+    binary = compose_binary()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "COMPOSE_"))}
     ways: list[list[str | Path]] = [
         ["-f", COMPOSE],
@@ -253,6 +251,81 @@ def test_docker_compose_loads_the_stack_alone_with_the_simulator_and_with_three_
     assert {"kafka-2", "kafka-3"} <= set(merged["services"])  # the last one: three brokers
     voters = merged["services"]["kafka"]["environment"]["KAFKA_CONTROLLER_QUORUM_VOTERS"]
     assert voters == "1@kafka:9093,2@kafka-2:9093,3@kafka-3:9093"
+
+
+def compose_binary() -> str:
+    binary = os.environ.get("FLEET_TEST_DOCKER_COMPOSE") or shutil.which("docker-compose")
+    if not binary:
+        pytest.fail("needs Compose: apt-get install docker-compose (or FLEET_TEST_DOCKER_COMPOSE)")
+    return binary
+
+
+def kafka_init_calls(tmp_path: Path, settings: Mapping[str, str]) -> list[tuple[list[str], str]]:
+    """Run kafka-init's script as Compose hands it to the container (with `settings` in .env),
+    kafka-topics.sh replaced by a recorder: each call's arguments and its --command-config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "COMPOSE_"))}
+    done = subprocess.run(
+        [compose_binary(), "--project-directory", ROOT, "-f", COMPOSE, "config"],
+        capture_output=True,
+        text=True,
+        env=env | dict(settings),
+        timeout=60,
+        check=True,
+    )
+    init = yaml.safe_load(done.stdout)["services"]["kafka-init"]
+    assert init["entrypoint"] == ["/bin/bash", "-euc"]
+    recorder = tmp_path / "kafka-topics.sh"
+    calls = tmp_path / "calls.jsonl"
+    recorder.write_text(
+        "#!/usr/bin/env python3\n"
+        "import json, sys\n"
+        "args = sys.argv[1:]\n"
+        "config = open(args[args.index('--command-config') + 1]).read() "
+        "if '--command-config' in args else ''\n"
+        f"open({str(calls)!r}, 'a').write(json.dumps([args, config]) + '\\n')\n"
+    )
+    recorder.chmod(0o755)
+    script = (
+        init["command"][0]
+        .replace("$$", "$")  # Compose's escape for a literal $
+        .replace("/opt/kafka/bin/kafka-topics.sh", str(recorder))
+        .replace("/tmp/client.properties", str(tmp_path / "client.properties"))  # noqa: S108 -- the container's path, replaced
+    )
+    variables = {k: v for k, v in init["environment"].items() if v is not None}
+    subprocess.run(["/bin/bash", "-euc", script], env=env | variables, check=True, timeout=60)
+    return [tuple(json.loads(line)) for line in calls.read_text().splitlines()]  # type: ignore[misc]
+
+
+def test_kafka_init_logs_in_like_the_services_and_sets_an_explicit_retention(
+    tmp_path: Path,
+) -> None:
+    """Against an external cluster with a SASL login (FLEET_KAFKA_* in .env), every
+    kafka-topics.sh call of kafka-init carries that login, so the topics get created and the
+    consumer and API (which wait for kafka-init) start; every topic gets retention.ms."""
+    login = {
+        "FLEET_KAFKA_BOOTSTRAP_SERVERS": "kafka-1.example:9093",
+        "FLEET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "FLEET_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "FLEET_KAFKA_SASL_USERNAME": "fleet-ingest",
+        "FLEET_KAFKA_SASL_PASSWORD": "s3cret-pass",
+    }
+    calls = kafka_init_calls(tmp_path, login)
+    assert len(calls) == 5  # four topics created, then described
+    for args, config in calls:
+        assert args[args.index("--bootstrap-server") + 1] == "kafka-1.example:9093"
+        assert config.splitlines() == [
+            "security.protocol=SASL_SSL",
+            "sasl.mechanism=SCRAM-SHA-512",
+            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required "
+            'username="fleet-ingest" password="s3cret-pass";',
+        ]
+    for args, _ in calls[:4]:
+        assert "--create" in args
+        assert args[args.index("--config") + 1] == "retention.ms=604800000"
+
+    (tmp_path / "plain").mkdir()
+    plain = kafka_init_calls(tmp_path / "plain", {})  # the compose stack's own broker
+    assert {config for _, config in plain} == {"security.protocol=PLAINTEXT\n"}
 
 
 def test_every_dependency_exists_and_is_waited_for_until_it_is_ready() -> None:
@@ -283,7 +356,7 @@ def test_the_consumer_scales_and_each_service_runs_its_role() -> None:
     assert not any("container_name" in s for s in stack.values())
     assert consumer["command"] == ["python", "-m", "consumer", "run", "--role", "ingest"]
     assert api["command"] == ["python", "-m", "consumer", "run", "--role", "api"]
-    assert api["ports"] == [f"8080:{SERVICE_PORT}"]
+    assert api["ports"] == [f"127.0.0.1:8080:{SERVICE_PORT}"]
     assert stack["migrate"]["command"] == ["python", "-m", "consumer", "migrate"]
     assert stack["simulator"]["profiles"] == ["sim"]
     assert "python -m producer_sim" in stack["simulator"]["command"][0]
