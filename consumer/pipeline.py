@@ -217,6 +217,17 @@ class Pipeline:
             return  # every lane is full: its write finishing is what the loop waits for
         self._fetch = _Fetch(asyncio.create_task(getmany), dict(self.tracker.claims))
 
+    async def _settle_fetch(self) -> None:
+        """Let the outstanding fetch finish (within its timeout) and stage what it read.
+
+        Called before every seek: a getmany in flight across a seek would hand back
+        records read after it under the claims of before, which are dropped, while the
+        client's position has moved past them.
+        """
+        if self._fetch is not None:
+            await asyncio.wait({self._fetch.task})
+            await self._take_fetch()
+
     async def _take_fetch(self) -> bool:
         """Stage the outstanding fetch's records once it has finished."""
         fetch = self._fetch
@@ -255,7 +266,12 @@ class Pipeline:
         staged = False
         for tp, records in fetched.items():
             claim = self.tracker.claims.get(tp)
-            if not records or claim is None or fetched_under.get(tp) is not claim:
+            if not records or claim is None:
+                continue  # not ours (any more): whoever claims it seeks to the stored offset
+            if fetched_under.get(tp) is not claim:
+                # Read under a claim replaced since: the client has moved past these
+                # records, so it goes back to where this member is.
+                self.consumer.seek(tp, self._position[tp])
                 continue
             started = time.perf_counter()
             chunk = decode_partition(
@@ -435,6 +451,7 @@ class Pipeline:
                 return
             fresh = [tp for tp in self._still_pending(pending) if claims[tp].next_offset is None]
             starts = await self.consumer.beginning_offsets(fresh) if fresh else {}
+            await self._settle_fetch()
             claimed = []
             for tp in self._still_pending(pending):
                 claim = claims[tp]
@@ -499,6 +516,9 @@ class Pipeline:
             if not reset:  # another member owns it now
                 self._reclaim_partitions([tp])
                 continue
+            await self._settle_fetch()
+            if self.tracker.claims.get(tp) is not claim or tp not in self.consumer.assignment():
+                continue  # revoked meanwhile
             self._lane_of(tp).drop(tp)
             self.consumer.seek(tp, start)
             self._stored_next[tp] = self._position[tp] = start

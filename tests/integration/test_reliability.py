@@ -128,6 +128,36 @@ async def test_members_joining_and_leaving_mid_stream_lose_and_duplicate_nothing
     await assert_exactly_once(db, settings, readings, messages)
 
 
+async def test_rebalances_while_readings_keep_arriving_lose_and_duplicate_nothing(
+    small_batches: Settings, db: asyncpg.Connection
+) -> None:
+    """Readings arrive steadily while a second member joins and leaves again: each
+    rebalance re-claims partitions while records keep coming; every one is stored once."""
+    settings = small_batches
+    readings, messages = stream_with_rejects(meters=60, vehicles=60, rounds=30)
+    chunks = [messages[i : i + 100] for i in range(0, len(messages), 100)]
+
+    async def publish_steadily() -> None:
+        for chunk in chunks:
+            await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, chunk)
+            await asyncio.sleep(0.05)
+
+    async with running_service(settings):
+        publisher = asyncio.create_task(publish_steadily())
+        await wait_until(lambda: _at_least(db, 200), timeout=60)
+        second = ConsumerProcess(settings, "joiner")
+        try:
+            await wait_until(lambda: _owner_committed(db, second), timeout=60)
+            second.signal(signal.SIGTERM)
+            assert await second.wait() == 0, second.output()
+        finally:
+            if second.process.poll() is None:
+                second.kill()
+        await publisher
+        await wait_until(lambda: _offsets_at(db, settings, len(messages)), timeout=90)
+    await assert_exactly_once(db, settings, readings, messages)
+
+
 async def test_database_outage_pauses_then_catches_up_with_nothing_lost(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
@@ -160,6 +190,39 @@ async def test_database_outage_pauses_then_catches_up_with_nothing_lost(
         await service.stop()
         await proxy.cut()
     await assert_exactly_once(db, settings, readings, messages)
+
+
+async def test_a_rebalance_during_a_database_outage_loses_nothing_when_it_ends(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """The group reassigns the partitions while PostgreSQL is away, readings keep arriving;
+    the member claims once the database is back and reads on from the stored offsets,
+    with polls still in flight from the outage: every reading is stored once."""
+    proxy = TcpProxy(settings.database_url.get_secret_value())
+    await proxy.start()
+    settings = settings.model_copy(update={"database_url": SecretStr(proxy.dsn)})
+    readings, messages = stream_with_rejects(meters=50, vehicles=50, rounds=20)
+    half = len(messages) // 2
+    await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[:half])
+    try:
+        async with running_service(settings) as service:
+            assert service.consumer is not None and service.pipeline is not None
+            await wait_until(lambda: _offsets_at(db, settings, half))
+            await proxy.cut()
+            await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[half:])
+            # A rebalance through the broker: every partition revoked and assigned again.
+            service.consumer.subscribe(list(settings.topics), listener=service.pipeline.tracker)
+            await wait_until(lambda: _pending(service), timeout=30)
+            await asyncio.sleep(2)  # claims retried, polls in flight meanwhile
+            await proxy.start()
+            await wait_until(lambda: _offsets_at(db, settings, len(messages)), timeout=60)
+    finally:
+        await proxy.cut()
+    await assert_exactly_once(db, settings, readings, messages)
+
+
+async def _pending(service: Service) -> bool:
+    return bool(service.pipeline and service.pipeline.tracker.pending)
 
 
 async def test_a_member_that_lost_its_partitions_cannot_commit_a_stale_batch(
