@@ -41,7 +41,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata
 
 from consumer import metrics
-from consumer.batch import Batch, decode_partition
+from consumer.batch import Batch, OffsetRange, decode_partition
 from consumer.decode import Limits
 from consumer.errors import Fenced, is_transient
 from consumer.kafka import PartitionTracker
@@ -124,6 +124,7 @@ class Pipeline:
         self._lanes = [_Lane() for _ in range(settings.write_lanes)]
         self._fetch: _Fetch | None = None
         self._fruitless_probes = 0
+        self._gaps: dict[TopicPartition, tuple[int, int]] = {}  # (position, read from) rechecked
         self._lag_reported = 0.0
         self._out_of_range: set[TopicPartition] = set()
         self._topic_index = {topic: i for i, topic in enumerate(self.stream_of_topic)}
@@ -257,26 +258,49 @@ class Pipeline:
         fetched: dict[TopicPartition, list[ConsumerRecord]],
         fetched_under: dict[TopicPartition, Claim],
     ) -> bool:
-        """Decode each partition's records into its lane's stage.
+        """Decode each partition's records into its lane's stage, contiguous with what
+        this member has read of it, or not at all.
 
-        Records read under a claim that has since been replaced (re-claimed, reset, revoked)
-        are dropped: the new claim seeked to the stored offset, so they will be read again.
+        Records read under a claim that has since been replaced (re-claimed, reset) send
+        the client back to this member's position. So does a read that starts past it: a
+        batch's offsets then cover only what was read, and the fence, which accepts a
+        batch that starts past the stored offset, never sees a hole. The broker gets one
+        more look; a gap it confirms (offsets that hold no record, such as transaction
+        markers) is part of the next batch.
         """
         now = datetime.now(UTC)
         staged = False
-        for tp, records in fetched.items():
+        for tp, read in fetched.items():
             claim = self.tracker.claims.get(tp)
-            if not records or claim is None:
+            if not read or claim is None:
                 continue  # not ours (any more): whoever claims it seeks to the stored offset
+            position = self._position[tp]
             if fetched_under.get(tp) is not claim:
-                # Read under a claim replaced since: the client has moved past these
-                # records, so it goes back to where this member is.
-                self.consumer.seek(tp, self._position[tp])
+                self.consumer.seek(tp, position)  # the client moved past records we drop
+                continue
+            # Read twice (a seek back over what is staged): keep only what is new.
+            records = (
+                read if read[0].offset >= position else [r for r in read if r.offset >= position]
+            )
+            if not records:
+                continue
+            first = records[0].offset
+            if first > position and self._gaps.get(tp) != (position, first):
+                self._gaps[tp] = (position, first)
+                log.info(
+                    "offset_gap_rechecked",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    position=position,
+                    read_from=first,
+                )
+                self.consumer.seek(tp, position)
                 continue
             started = time.perf_counter()
             chunk = decode_partition(
                 records, self.stream_of_topic[tp.topic], now=now, limits=self.limits
             )
+            chunk.offsets[tp] = OffsetRange(position, records[-1].offset + 1)
             lane = self._lane_of(tp)
             if not lane.staged:
                 lane.staged_since = started

@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
@@ -31,6 +32,7 @@ from tests.integration.helpers import (
     mixed_fleet,
     offsets_reach,
     publish,
+    publish_to_partition,
     running_service,
     stored_offsets,
 )
@@ -223,6 +225,29 @@ async def test_a_rebalance_during_a_database_outage_loses_nothing_when_it_ends(
 
 async def _pending(service: Service) -> bool:
     return bool(service.pipeline and service.pipeline.tracker.pending)
+
+
+async def test_a_client_that_skips_ahead_is_sent_back_and_nothing_is_lost(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """The class of fault make chaos once found: the Kafka client's position moves past
+    records the pipeline never saw. The next read starts past what the member has read;
+    it goes back, reads the skipped records, and every reading is stored once."""
+    settings = settings.model_copy(update={"batch_max_records": 50})
+    readings = mixed_fleet(meters=20, vehicles=20, rounds=30)
+    tp = TopicPartition(settings.mixed_topic, 0)
+    async with running_service(settings) as service:
+        assert service.consumer is not None
+        await publish_to_partition(settings.kafka_bootstrap_servers, tp.topic, 0, readings[:100])
+        await wait_until(lambda: offsets_reach(db, tp.topic, 100))
+        position = await service.consumer.position(tp)
+        await publish_to_partition(settings.kafka_bootstrap_servers, tp.topic, 0, readings[100:])
+        service.consumer.seek(tp, position + 300)  # behind the pipeline's back
+        await wait_until(lambda: offsets_reach(db, tp.topic, len(readings)))
+    meters = await history_keys(db, "meter_history", "meter_id")
+    vehicles = await history_keys(db, "vehicle_history", "vehicle_id")
+    assert sorted(meters) == sorted(expected_history(readings, "meterId"))
+    assert sorted(vehicles) == sorted(expected_history(readings, "vehicleId"))
 
 
 async def test_a_member_that_lost_its_partitions_cannot_commit_a_stale_batch(
