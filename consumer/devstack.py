@@ -233,3 +233,22 @@ def start_local_postgres(root: Path, config: dict[str, str] | None = None) -> Lo
     port = free_port()
     server = LocalPostgres(root / f"pg-{port}", port, root / f"pg-{port}.log")
     return server.init(config).start()
+
+
+def start_standby(primary: LocalPostgres, root: Path) -> LocalPostgres:
+    """A streaming standby of `primary` (pg_basebackup -R) on a port of its own, started."""
+    port = free_port()
+    standby = LocalPostgres(root / f"pg-{port}", port, root / f"pg-{port}.log")
+    standby.data_dir.mkdir(mode=0o700, parents=True)
+    standby.log_path.touch()
+    if os.geteuid() == 0:
+        shutil.chown(standby.data_dir, "postgres")
+        shutil.chown(standby.log_path, "postgres")
+    standby._run(
+        "pg_basebackup",
+        *("-D", str(standby.data_dir), "-R", "-X", "stream", "--checkpoint=fast"),
+        *("-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres"),
+    )
+    with (standby.data_dir / "postgresql.conf").open("a") as conf:  # the primary's, copied
+        conf.write(f"port = {port}\nunix_socket_directories = '{standby.data_dir}'\n")
+    return standby.start()

@@ -95,6 +95,11 @@ HTTP_REQUEST_SECONDS = Histogram(
     ["route", "method", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+API_REPLICA_LAG_SECONDS = Gauge(
+    "fleet_api_replica_lag_seconds",
+    "How far the API's database is behind its primary (0 on a primary or a caught-up "
+    "standby); past FLEET_API_MAX_REPLICA_LAG_SECONDS the API reports not ready.",
+)
 HTTP_INGEST_ITEMS = Counter(
     "fleet_http_ingest_items_total",
     "Readings posted to the ingestion endpoint: accepted (acknowledged by the broker) "

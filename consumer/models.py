@@ -27,11 +27,19 @@ from pydantic_core import PydanticCustomError
 # value that still fits once PostgreSQL rounds it to 1 Wh.
 MAX_KWH = 9_999_999.999
 
-# Printable ids only: no C0/C1 control characters and no line separators.
-DeviceId = Annotated[
-    StrictStr,
-    Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"),
-]
+# A device id is 1-128 visible characters of any script, with spaces (U+0020) only between
+# them. Invisible characters are refused: control characters (C0, C1), format characters
+# (U+200B zero width space, U+202E right-to-left override, U+FEFF byte order mark, soft
+# hyphen, ...), line and paragraph separators, and every space but U+0020 (no-break,
+# ideographic, ...) - Unicode 14's Cc, Cf, Zl, Zp and Zs in the Basic Multilingual Plane.
+# The decoder, the API and the OpenAPI document share this one pattern (it means the same
+# to pydantic's Rust engine, to Python's re and to ECMA-262).
+_INVISIBLE = (
+    r"\u0000-\u001f\u007f-\u00a0\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+    r"\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb"
+)
+DEVICE_ID_PATTERN = rf"^[^ {_INVISIBLE}](?:[^{_INVISIBLE}]*[^ {_INVISIBLE}])?$"
+DeviceId = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=DEVICE_ID_PATTERN)]
 Kwh = Annotated[StrictFloat, Field(ge=0, le=MAX_KWH, allow_inf_nan=False)]
 Percent = Annotated[StrictFloat, Field(ge=0, le=100, allow_inf_nan=False)]
 Celsius = Annotated[StrictFloat, Field(ge=-50, le=150, allow_inf_nan=False)]

@@ -17,10 +17,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
 
 from consumer import metrics
-from consumer.api.app import make_app
+from consumer.api.app import make_app, make_metrics_app
 from consumer.api.deps import ApiDeps
+from consumer.api.replica import ReplicaLag, as_of_header
 from consumer.api.routes import api_routes
-from consumer.api.security import security_middlewares
+from consumer.api.security import configured_tokens, security_middlewares
+from consumer.api.server import ConnectionLimits, HardenedRunner
 from consumer.errors import ConfigError, is_misconfiguration, is_transient, misconfigured
 from consumer.kafka import PartitionTracker, make_consumer, make_producer, member_name
 from consumer.maintenance import HistoryMaintenance
@@ -99,6 +101,7 @@ class Service:
         self.producer: AIOKafkaProducer | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.pipeline: Pipeline | None = None
+        self.replica_lag = ReplicaLag(self.deps)
         self._stack: contextlib.AsyncExitStack | None = None
         self._failed: BaseException | None = None  # what a background connection hit
 
@@ -115,9 +118,16 @@ class Service:
     async def _start(self, stack: contextlib.AsyncExitStack) -> bool:
         s = self.settings
         await self._serve_http(stack)
-        if not self.consumes:  # the api role: each dependency on its own
-            await self._connect_in_background(stack, "broker", lambda: self._start_producer(stack))
+        # The broker and the API's database connect on their own: HTTP ingestion needs only
+        # the first, analytics only the second, and neither waits for the store.
+        producer = await self._connect_in_background(
+            stack, "broker", lambda: self._start_producer(stack)
+        )
+        if self.serves_api:
             await self._connect_in_background(stack, "api database", self._open_api_pool)
+            lag = asyncio.create_task(self.replica_lag.watch())
+            stack.push_async_callback(_cancelled, lag)
+        if not self.consumes:
             log.info("api_started", role=self.role.value)
             return True
 
@@ -139,11 +149,12 @@ class Service:
         metrics.SINK_AVAILABLE.set(1)  # connected; the pipeline sets 0 while it waits for it
         maintenance = asyncio.create_task(HistoryMaintenance(self.store, s).supervise())
         stack.push_async_callback(_cancelled, maintenance)
-        if self.serves_api:
-            await self._connect_in_background(stack, "api database", self._open_api_pool)
 
-        if await _until_up("broker", lambda: self._start_producer(stack), self.stopping) is None:
-            return False
+        stopper = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({producer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await _cancelled(stopper)
+        if self.producer is None:
+            return False  # stopping (a failed connection stops the service too)
         self.consumer = make_consumer(s)
         tracker = PartitionTracker(self.consumer)
         self.consumer.subscribe(list(s.topics), listener=tracker)
@@ -156,26 +167,28 @@ class Service:
     async def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> None:
         """Start, consume (or serve) until asked to stop, then stop; re-raises a failure."""
         try:
-            if not await self.start():
-                return
-            stopper = asyncio.create_task(self.stopping.wait())
-            if self.pipeline is None:
-                await stopper  # the api role: serve until SIGTERM
-            else:
-                runner = asyncio.create_task(self.pipeline.run(max_batches, idle_timeout))
-                await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                self.pipeline.stop()  # finish the batches in hand
-                done, _ = await asyncio.wait({runner}, timeout=_SHUTDOWN_WAIT_S)
-                if not done:
-                    log.warning("shutdown_timed_out", waited_seconds=_SHUTDOWN_WAIT_S)
-                    await _cancelled(runner)
-                else:
-                    runner.result()  # re-raise what stopped the pipeline
+            if await self.start():
+                await self._serve(max_batches, idle_timeout)
         finally:
             await self.stop()
         if self._failed is not None:
             raise self._failed
+
+    async def _serve(self, max_batches: int | None, idle_timeout: float | None) -> None:
+        stopper = asyncio.create_task(self.stopping.wait())
+        if self.pipeline is None:
+            await stopper  # the api role: serve until SIGTERM
+            return
+        runner = asyncio.create_task(self.pipeline.run(max_batches, idle_timeout))
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await _cancelled(stopper)
+        self.pipeline.stop()  # finish the batches in hand
+        done, _ = await asyncio.wait({runner}, timeout=_SHUTDOWN_WAIT_S)
+        if not done:
+            log.warning("shutdown_timed_out", waited_seconds=_SHUTDOWN_WAIT_S)
+            await _cancelled(runner)
+        else:
+            runner.result()  # re-raise what stopped the pipeline
 
     async def stop(self) -> None:
         """Stop what was started, in reverse order; safe to call twice."""
@@ -204,21 +217,41 @@ class Service:
         if self.consumes:
             checks["database"] = self._check_store
         if self.serves_api:
-            checks["api_database" if self.consumes else "database"] = self._check_api_pool
+            checks["api_database" if self.consumes else "database"] = self._check_api_database
+            self._warn_about_auth()
         checks["broker"] = self._check_broker
-        runner = web.AppRunner(
-            make_app(
-                checks,
-                before_scrape=self._report_pools,
-                deps=self.deps,
-                routes=api_routes() if self.serves_api else [],
-                middlewares=security_middlewares(s) if self.serves_api else [],
-            )
+        app = make_app(
+            checks,
+            before_scrape=self._report_pools,
+            deps=self.deps,
+            routes=api_routes() if self.serves_api else [],
+            middlewares=security_middlewares(s) if self.serves_api else [],
+            serve_metrics=s.metrics_port is None,
         )
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, s.http_host, s.http_port).start()
-        log.info("http_listening", host=s.http_host, port=s.http_port)
+        if self.serves_api:
+            app.on_response_prepare.append(as_of_header)
+        sites = [(app, s.http_port)]
+        if s.metrics_port is not None:
+            sites.append((make_metrics_app(self._report_pools), s.metrics_port))
+        for served, port in sites:
+            runner = HardenedRunner(served, ConnectionLimits.from_settings(s))
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, s.http_host, port).start()
+            log.info("http_listening", host=s.http_host, port=port)
+
+    def _warn_about_auth(self) -> None:
+        s = self.settings
+        if configured_tokens(s):  # also refuses malformed scopes: a ConfigError
+            return
+        if s.api_auth == "off":
+            log.warning("api_auth_off", advice="anyone who reaches this port may use /v1")
+        else:
+            log.error(
+                "api_auth_not_configured",
+                action="/v1 answers 503 auth_not_configured",
+                advice="set FLEET_API_TOKENS, or FLEET_API_AUTH=off on purpose",
+            )
 
     async def _open_api_pool(self) -> asyncpg.Pool:
         s = self.settings
@@ -229,7 +262,12 @@ class Service:
             max_size=s.api_pool_size,
             timeout=s.db_command_timeout_seconds,
             command_timeout=s.db_command_timeout_seconds,
-            server_settings={"application_name": f"fleet-api {member_name()}"[:63]},
+            server_settings={
+                "application_name": f"fleet-api {member_name()}"[:63],
+                # The server ends a query past this (503 query_timeout): a heavy report
+                # cannot hold a connection, or a replica's replay, for long.
+                "statement_timeout": str(s.api_statement_timeout_ms),
+            },
         )
         assert self._stack is not None  # noqa: S101 -- set while starting
         self._stack.push_async_callback(_close_pool, pool)
@@ -271,13 +309,14 @@ class Service:
 
     async def _connect_in_background(
         self, stack: contextlib.AsyncExitStack, what: str, connect: Callable[[], Awaitable[Any]]
-    ) -> None:
+    ) -> asyncio.Task[Any]:
         """Connect, waiting at most a moment here, then on in the background. An error
         that waiting cannot fix (a misconfiguration) stops the service."""
         task = asyncio.create_task(_until_up(what, connect, self.stopping))
         stack.push_async_callback(_cancelled, task)
         task.add_done_callback(self._on_background_done)
         await asyncio.wait({task}, timeout=_FIRST_CONNECT_S)
+        return task
 
     def _on_background_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -293,11 +332,12 @@ class Service:
             raise ConnectionError("not connected")
         await self.store.ping()
 
-    async def _check_api_pool(self) -> None:
+    async def _check_api_database(self) -> None:
+        """Reachable, and (a replica) not too far behind."""
         if self.api_pool is None:
             raise ConnectionError("not connected")
-        async with self.api_pool.acquire() as conn:
-            await conn.fetchval("SELECT 1")
+        await self.replica_lag.poll(self.api_pool)
+        await self.replica_lag.check()
 
     async def _check_broker(self) -> None:
         if self.producer is None:

@@ -147,14 +147,40 @@ class Settings(BaseSettings):
     fleet_report_page_size: int = Field(default=100, ge=1, le=1000)
 
     # --- HTTP ingestion and security ---
-    # Comma-separated bearer tokens for the API (health, metrics and the OpenAPI
-    # document stay open); unset turns authentication off.
+    # Bearer tokens for /v1 (health, readiness, metrics and the OpenAPI document stay
+    # open), comma-separated; each may name its scopes after a colon, joined by "+":
+    # `t1:read,t2:read+ingest,t3:admin`. read: GET /v1; ingest: POST /v1/ingestion;
+    # admin: every other write (meter assignments). A token without scopes has all three.
     api_tokens: SecretStr | None = None
-    # Token bucket per client (its bearer token, else its address), same routes.
+    # Without tokens /v1 is refused (503 auth_not_configured) unless this is `off`: an
+    # explicit choice for demos and tests, warned about at start.
+    api_auth: Literal["tokens", "off"] = "tokens"
+    # Token bucket per client (its bearer token, else its address), same routes, charged
+    # by cost: a request costs 1, an ingested reading 1/100, a report 1 per day of window.
     rate_limit_per_second: float = Field(default=50.0, gt=0)
     rate_limit_burst: int = Field(default=100, ge=1)
     ingest_max_items: int = Field(default=1000, ge=1, le=100_000)
     ingest_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Any other JSON body (a meter assignment) is small.
+    api_max_body_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    # Expensive reads: each API query is cancelled by the server past this long, and at
+    # most this many fleet-wide reports run at once per process (the next gets a fast 503).
+    api_statement_timeout_ms: int = Field(default=10_000, ge=100)
+    api_max_concurrent_reports: int = Field(default=4, ge=1, le=100)
+    # A read replica further behind than this is not ready (/readyz 503).
+    api_max_replica_lag_seconds: float = Field(default=30.0, gt=0)
+
+    # --- HTTP connections ---
+    # An idle keep-alive connection, or one whose request head has not fully arrived
+    # (a client sending headers a byte at a time), is closed after this long.
+    http_idle_timeout_seconds: float = Field(default=15.0, gt=0)
+    # A request body must arrive within this long (408 otherwise).
+    http_body_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Open connections per client address; 0: no cap (behind a proxy every client has
+    # the proxy's address).
+    http_max_connections_per_address: int = Field(default=100, ge=0)
+    # /metrics on a port of its own (scrapes apart from API traffic); unset: FLEET_HTTP_PORT.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     log_level: str = "INFO"
     log_json: bool | None = None  # None: JSON unless stdout is a terminal

@@ -136,6 +136,9 @@ async def main(seconds: float | None) -> int:
         if broker is not None:
             os.environ["FLEET_KAFKA_IDEMPOTENT_PRODUCER"] = "false"  # tansu lacks InitProducerId
         os.environ.setdefault("FLEET_HTTP_PORT", str(8080 if _port_free(8080) else free_port()))
+        # A demo on this machine only: no tokens, so bound to the loopback interface.
+        os.environ.setdefault("FLEET_HTTP_HOST", "127.0.0.1")
+        os.environ.setdefault("FLEET_API_AUTH", "off")
         settings = Settings()
 
         say("migrating the database")

@@ -86,6 +86,7 @@ def make_settings(broker: str, database_url: str, **overrides: Any) -> Settings:
         "retry_initial_seconds": 0.1,
         "retry_max_seconds": 1.0,
         "http_host": "127.0.0.1",
+        "api_auth": "off",  # tests that check authentication set tokens of their own
         "http_port": free_port(),
         "log_json": True,
     }

@@ -22,8 +22,10 @@ from aiohttp import web
 from pydantic import Field, TypeAdapter, ValidationError
 
 from consumer.api import analytics_sql as sql
+from consumer.api.body import read_json
 from consumer.api.deps import DEPS, ApiDeps
 from consumer.api.errors import ApiError
+from consumer.api.security import charge
 from consumer.models import DeviceId, Timestamp
 
 STATUSES = ("normal", "fault", "anomalous", "insufficient_data", "unlinked")
@@ -53,7 +55,10 @@ def _parse_id(value: object, code: str, what: str) -> str:
         return _device_id.validate_python(value)
     except ValidationError:
         raise ApiError(
-            400, code, f"{what} must be 1-128 printable characters without control characters"
+            400,
+            code,
+            f"{what} must be 1-128 visible characters (letters, digits, punctuation, symbols; "
+            "spaces only between them)",
         ) from None
 
 
@@ -89,11 +94,13 @@ def _window(request: web.Request) -> tuple[datetime, datetime]:
 
 
 def _check_window(request: web.Request, start: datetime, to: datetime) -> None:
+    """A valid window, charged to the client's rate limit by its length (a unit per day)."""
     max_days = _deps(request).settings.analytics_max_window_days
     if start >= to:
         raise ApiError(400, "invalid_window", "from must be before to")
     if to - start > timedelta(days=max_days):
         raise ApiError(400, "window_too_large", f"the window may span at most {max_days} days")
+    charge(request, (to - start) / timedelta(days=1))
 
 
 def _thresholds(request: web.Request) -> tuple[Decimal, Decimal, Decimal]:
@@ -201,17 +208,19 @@ async def fleet_efficiency(request: web.Request) -> web.Response:
             ):
                 raise ApiError(400, "invalid_cursor", "cursor belongs to a different window")
         _check_window(request, start, to)
-    pool = _deps(request).require_pool()
-    rows = await pool.fetch(
-        sql.FLEET_EFFICIENCY,
-        *_thresholds(request),
-        start,
-        to,
-        status,
-        cursor.ratio if cursor else None,
-        cursor.vehicle_id if cursor else None,
-        limit + 1,  # one more than a page tells whether another page exists
-    )
+    deps = _deps(request)
+    pool = deps.require_pool()
+    async with deps.report_slot():
+        rows = await pool.fetch(
+            sql.FLEET_EFFICIENCY,
+            *_thresholds(request),
+            start,
+            to,
+            status,
+            cursor.ratio if cursor else None,
+            cursor.vehicle_id if cursor else None,
+            limit + 1,  # one more than a page tells whether another page exists
+        )
     page = rows[:limit]
     next_cursor = None
     if len(rows) > limit:
@@ -238,10 +247,7 @@ async def fleet_efficiency(request: web.Request) -> web.Response:
 
 
 async def _assignment_body(request: web.Request) -> tuple[str, datetime]:
-    try:
-        body: Any = json.loads(await request.read())
-    except ValueError:  # also UnicodeDecodeError
-        raise ApiError(400, "invalid_body", "body must be a JSON object") from None
+    body: Any = await read_json(request, _deps(request).settings.api_max_body_bytes)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "body must be a JSON object")
     unknown = sorted(set(body) - {"meterId", "from"})

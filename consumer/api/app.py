@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+import asyncpg
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -12,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.api.deps import DEPS, ApiDeps
 from consumer.api.errors import ApiError, error_body
+from consumer.api.server import no_server_version
 from consumer.errors import is_transient
 
 log = structlog.get_logger(__name__)
@@ -19,12 +22,26 @@ log = structlog.get_logger(__name__)
 ReadinessCheck = Callable[[], Awaitable[None]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CHECK_TIMEOUT_S = 2.0
+_METRICS_TTL_S = 1.0  # scrapes within a second share one rendering
+CLIENT_CLOSED = 499  # nginx's status for "the client went away first"; never sent
 
 
-def failure_status(exc: Exception) -> int:
-    """What json_errors answers an unexpected exception with: 503 when the database is
-    away (worth a retry), else 500. request_metrics labels the request the same way."""
-    return 503 if is_transient(exc) else 500
+def client_went_away(request: web.Request, exc: BaseException) -> bool:
+    """The client hung up: its handler was cancelled, or its body stopped mid-way."""
+    transport = request.transport
+    gone = transport is None or transport.is_closing()
+    return gone and isinstance(exc, asyncio.CancelledError | ConnectionError)
+
+
+def failure_status(request: web.Request, exc: BaseException) -> int:
+    """What json_errors answers an unexpected exception with (request_metrics labels the
+    request the same way): 499 when the client went away, 503 when the database is away
+    or a query ran past FLEET_API_STATEMENT_TIMEOUT_MS (worth a retry), else 500."""
+    if client_went_away(request, exc):
+        return CLIENT_CLOSED
+    if isinstance(exc, asyncpg.QueryCanceledError) or is_transient(exc):
+        return 503
+    return 500
 
 
 @web.middleware
@@ -33,7 +50,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response(error_body(exc.code, exc.message), status=exc.status)
+        body = error_body(exc.code, exc.message)
+        return web.json_response(body, status=exc.status, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -41,14 +59,41 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return web.json_response(error_body(code, exc.reason), status=exc.status, headers=kept)
     except asyncio.CancelledError:
+        if client_went_away(request, asyncio.CancelledError()):
+            log.info("request_aborted", path=request.path, reason="client closed")
         raise
     except Exception as exc:
-        if failure_status(exc) == 503:  # restarting, unreachable, out of connections
+        status = failure_status(request, exc)
+        if status == CLIENT_CLOSED:
+            log.info("request_aborted", path=request.path, reason=repr(exc))
+            raise
+        if isinstance(exc, asyncpg.QueryCanceledError):
+            log.warning("request_query_timeout", path=request.path)
+            body = error_body(
+                "query_timeout", "the query took too long; narrow the window or retry later"
+            )
+            return web.json_response(body, status=503, headers={"Retry-After": "5"})
+        if status == 503:  # restarting, unreachable, out of connections
             log.warning("request_database_unavailable", path=request.path, error=repr(exc))
             body = error_body("database_unavailable", "the database is unavailable; retry shortly")
             return web.json_response(body, status=503, headers={"Retry-After": "5"})
         log.exception("request_failed", path=request.path)
         return web.json_response(error_body("internal_error", "internal error"), status=500)
+
+
+def metrics_handler(before_scrape: Callable[[], None] | None) -> Handler:
+    """GET /metrics, rendered at most once a second however often it is scraped."""
+    cached: list[tuple[float, bytes]] = []
+
+    async def prometheus(_: web.Request) -> web.Response:
+        now = time.monotonic()
+        if not cached or now - cached[0][0] > _METRICS_TTL_S:
+            if before_scrape is not None:
+                before_scrape()
+            cached[:] = [(now, generate_latest())]
+        return web.Response(body=cached[0][1], headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return prometheus
 
 
 def make_app(
@@ -58,9 +103,11 @@ def make_app(
     deps: ApiDeps | None = None,
     routes: Sequence[web.AbstractRouteDef] = (),
     middlewares: Sequence[Middleware] = (),
+    serve_metrics: bool = True,
 ) -> web.Application:
     """The operations endpoints, plus the API's routes and middlewares when given."""
     app = web.Application(middlewares=[json_errors, *middlewares])
+    app.on_response_prepare.append(no_server_version)
     if deps is not None:
         app[DEPS] = deps
     app.router.add_routes(routes)
@@ -76,17 +123,23 @@ def make_app(
                 results[name] = "ok"
             except Exception as exc:
                 results[name] = f"unavailable: {type(exc).__name__}"
+                if str(exc):
+                    results[name] += f": {exc}"
         if all(v == "ok" for v in results.values()):
             return web.json_response({"status": "ready", "checks": results})
         body = error_body("not_ready", "a dependency is unavailable") | {"checks": results}
         return web.json_response(body, status=503)
 
-    async def prometheus(_: web.Request) -> web.Response:
-        if before_scrape is not None:
-            before_scrape()
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", prometheus)
+    if serve_metrics:
+        app.router.add_get("/metrics", metrics_handler(before_scrape))
+    return app
+
+
+def make_metrics_app(before_scrape: Callable[[], None] | None = None) -> web.Application:
+    """/metrics alone, for FLEET_METRICS_PORT: scrapes apart from API traffic."""
+    app = web.Application(middlewares=[json_errors])
+    app.on_response_prepare.append(no_server_version)
+    app.router.add_get("/metrics", metrics_handler(before_scrape))
     return app

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import asyncpg
 from aiohttp import web
@@ -17,6 +21,10 @@ class ApiDeps:
     settings: Settings
     pool: asyncpg.Pool | None = None  # reads (and assignment writes); may point at a replica
     producer: AIOKafkaProducer | None = None  # HTTP ingestion
+    # How current the API's database is: now on a primary, replay's position on a replica
+    # (consumer.api.replica keeps it); None until first known.
+    data_as_of: datetime | None = None
+    _reports: asyncio.Semaphore | None = field(default=None, repr=False)
 
     def require_pool(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -27,6 +35,22 @@ class ApiDeps:
         if self.producer is None:
             raise ApiError(503, "broker_unavailable", "the broker is not connected yet")
         return self.producer
+
+    @contextlib.asynccontextmanager
+    async def report_slot(self) -> AsyncIterator[None]:
+        """One of FLEET_API_MAX_CONCURRENT_REPORTS; none free is a fast 503, never a queue
+        of expensive queries holding the pool."""
+        if self._reports is None:
+            self._reports = asyncio.Semaphore(self.settings.api_max_concurrent_reports)
+        if self._reports.locked():
+            raise ApiError(
+                503,
+                "overloaded",
+                "too many reports are running; retry shortly",
+                {"Retry-After": "1"},
+            )
+        async with self._reports:
+            yield
 
 
 DEPS = web.AppKey("deps", ApiDeps)

@@ -1,7 +1,8 @@
 """POST /v1/ingestion/telemetry: readings over HTTP, validated like the consumer, produced to Kafka.
 
-The body is one reading or an array of them. It is parsed once by the
-consumer's own parser (UTF-8, duplicate keys, NaN/Infinity), then every item
+The body is one reading or an array of them. It is read by consumer.api.body (bounded
+in bytes, time and depth, parsed by the consumer's own parser: UTF-8, duplicate keys,
+NaN/Infinity), charged to the client's rate limit by its number of readings, then every item
 is shape-detected and validated by the consumer's decoder. Valid items go to
 the meter or vehicle topic, keyed by device id, as compact JSON of the item as
 sent; the answer is 202 only once the broker has acknowledged every one of them.
@@ -20,9 +21,11 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from consumer import metrics
+from consumer.api.body import read_json
 from consumer.api.deps import DEPS
 from consumer.api.errors import ApiError, error_body
-from consumer.decode import Limits, Reason, Rejection, parse_json, validate_reading
+from consumer.api.security import charge
+from consumer.decode import Limits, Reason, Rejection, validate_reading
 from consumer.models import MeterReading
 from consumer.settings import Settings
 
@@ -30,7 +33,7 @@ log = structlog.get_logger(__name__)
 
 PATH = "/v1/ingestion/telemetry"
 _SEND_TIMEOUT_S = 5.0
-_READ_CHUNK_BYTES = 64 * 1024
+READINGS_PER_UNIT = 100  # what one rate-limit unit buys
 
 
 def ingestion_routes() -> list[web.RouteDef]:
@@ -40,16 +43,14 @@ def ingestion_routes() -> list[web.RouteDef]:
 async def ingest_telemetry(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     settings = deps.settings
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    body = await _read_body(request, settings.ingest_max_body_bytes)
-    items = _items_of(_parse_body(body))
+    items = _items_of(await read_json(request, settings.ingest_max_body_bytes))
     if len(items) > settings.ingest_max_items:
         raise ApiError(
             413,
             "too_many_items",
             f"{len(items)} readings exceeds the limit of {settings.ingest_max_items} per request",
         )
+    charge(request, len(items) / READINGS_PER_UNIT)
 
     messages, rejected = _validate(items, settings)
     metrics.HTTP_INGEST_ITEMS.labels("rejected").inc(len(rejected))
@@ -62,30 +63,6 @@ async def ingest_telemetry(request: web.Request) -> web.Response:
     metrics.HTTP_INGEST_ITEMS.labels("accepted").inc(len(messages))
     log.info("telemetry_ingested", accepted=len(messages), rejected=len(rejected))
     return web.json_response({"accepted": len(messages), "rejected": rejected}, status=202)
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The body, refused as soon as it is known to exceed the limit (header or bytes read)."""
-    too_large = ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(_READ_CHUNK_BYTES):
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse_body(body: bytes) -> Any:
-    """The body as one JSON value, through the consumer's parser (same duplicate-key,
-    non-finite and nesting rules as messages from Kafka)."""
-    parsed = parse_json(body, Limits(max_payload_bytes=len(body)))
-    if isinstance(parsed, Rejection):
-        raise ApiError(400, "malformed_json", f"{parsed.reason}: {parsed.detail}")
-    return parsed
 
 
 def _items_of(value: Any) -> list[Any]:

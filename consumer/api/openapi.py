@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from consumer.models import MAX_KWH
+from consumer.models import DEVICE_ID_PATTERN, MAX_KWH
 
 Schema = dict[str, Any]
 
@@ -59,12 +59,12 @@ def _query(name: str, schema: Schema, description: str) -> Schema:
     }
 
 
-# Printable device ids, as consumer.models.DeviceId: no control characters or line separators.
+# consumer.models.DeviceId: visible characters of any script, inner spaces only.
 DEVICE_ID: Schema = {
     "type": "string",
     "minLength": 1,
     "maxLength": 128,
-    "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]+$",
+    "pattern": DEVICE_ID_PATTERN,
 }
 DATE_TIME: Schema = {"type": "string", "format": "date-time"}
 NULLABLE_DATE_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
@@ -340,7 +340,12 @@ PATHS: dict[str, Schema] = {
                 "400": _error(f"{_WINDOW_ERRORS}, invalid_status, invalid_limit, invalid_cursor."),
                 "401": _UNAUTHORIZED,
                 "429": _RATE_LIMITED,
-                "503": _DB_UNAVAILABLE,
+                "503": _error(
+                    _DB_UNAVAILABLE["description"].rstrip(".")
+                    + "; overloaded: FLEET_API_MAX_CONCURRENT_REPORTS reports are running "
+                    "(Retry-After: 1); query_timeout: the report ran past "
+                    "FLEET_API_STATEMENT_TIMEOUT_MS."
+                ),
             },
         }
     },
@@ -357,7 +362,12 @@ PATHS: dict[str, Schema] = {
             "responses": {
                 "200": _json(_ref("Assignment"), "The same assignment already existed."),
                 "201": _json(_ref("Assignment"), "The assignment was created."),
-                "400": _error("invalid_body, invalid_meter_id, invalid_from, invalid_vehicle_id."),
+                "400": _error(
+                    "malformed_json (not JSON, duplicate keys, nested too deeply), invalid_body, "
+                    "invalid_meter_id, invalid_from, invalid_vehicle_id."
+                ),
+                "413": _error("payload_too_large: the body exceeds FLEET_API_MAX_BODY_BYTES."),
+                "415": _error("unsupported_media_type: Content-Type must be application/json."),
                 "401": _UNAUTHORIZED,
                 "403": _error(
                     "read_only: the API's database role may not write (a read-only login or "
@@ -471,6 +481,33 @@ PATHS: dict[str, Schema] = {
     },
 }
 
+
+def _with_common_answers(paths: dict[str, Schema]) -> dict[str, Schema]:
+    """What every /v1 operation may also answer, from the middlewares in front of it."""
+
+    def add(answers: Schema, status: str, text: str) -> None:
+        if status in answers:
+            answers[status] = answers[status] | {
+                "description": answers[status]["description"].rstrip(".") + "; " + text
+            }
+        else:
+            answers[status] = _error(text)
+
+    for path, operations in paths.items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, operation in operations.items():
+            answers = operation["responses"]
+            scope = "ingest" if "ingestion" in path else "read" if method == "get" else "admin"
+            add(answers, "400", "repeated_parameter, duplicate_header (sent twice).")
+            add(answers, "403", f"insufficient_scope: the token lacks the {scope} scope.")
+            add(answers, "415", "unsupported_content_encoding: no body is taken compressed.")
+            add(answers, "503", "auth_not_configured: no tokens, and FLEET_API_AUTH is not off.")
+            if "requestBody" in operation:
+                add(answers, "408", "body_timeout: the body did not arrive in time.")
+    return paths
+
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -481,13 +518,15 @@ OPENAPI: dict[str, Any] = {
         '{"error": {"code", "message"}} with a stable code.',
     },
     "security": _SECURED,
-    "paths": PATHS,
+    "paths": _with_common_answers(PATHS),
     "components": {
         "securitySchemes": {
             "bearerAuth": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "One of FLEET_API_TOKENS; not required when none is configured.",
+                "description": "One of FLEET_API_TOKENS, with the route's scope (read: GET; "
+                "ingest: POST /v1/ingestion; admin: other writes). Not required only when "
+                "FLEET_API_AUTH=off.",
             }
         },
         "schemas": SCHEMAS,
@@ -498,7 +537,9 @@ OPENAPI: dict[str, Any] = {
                 "content": {"application/json": {"schema": _ref("Error")}},
             },
             "RateLimited": {
-                "description": "rate_limited: the client's token bucket is empty.",
+                "description": "rate_limited: the client's token bucket cannot pay for the "
+                "request (1 unit, plus 1 per day of a report's window, 1 per 100 readings "
+                "ingested).",
                 "headers": {
                     "Retry-After": {
                         "required": True,

@@ -407,8 +407,8 @@ async def test_vehicle_without_assignments_lists_none(client: TestClient[Any, An
 @pytest.mark.parametrize(
     ("body", "code"),
     [
-        (b"not json", "invalid_body"),
-        (b"\xff\xfe", "invalid_body"),
+        (b"not json", "malformed_json"),
+        (b"\xff\xfe", "malformed_json"),
         (b'["m-A"]', "invalid_body"),
         (b'{"meterId": "m-A", "from": "2026-03-01T00:00:00Z", "until": null}', "invalid_body"),
         (b'{"from": "2026-03-01T00:00:00Z"}', "invalid_meter_id"),

@@ -88,10 +88,14 @@ async def test_health_metrics_and_openapi_stay_open(serve: Any, path: str) -> No
     assert (await client.get(path)).status == 200
 
 
-async def test_without_configured_tokens_auth_is_off(serve: Any) -> None:
-    """When FLEET_API_TOKENS is unset, /v1 needs no token."""
-    client = await serve()
-    assert (await client.post(PATH, json=meter("m-1", 0))).status == 202
+async def test_without_tokens_v1_is_open_only_when_auth_is_turned_off(serve: Any) -> None:
+    """No FLEET_API_TOKENS: /v1 is refused (503 auth_not_configured) unless FLEET_API_AUTH=off."""
+    closed = await serve(api_auth="tokens")
+    refused = await closed.post(PATH, json=meter("m-1", 0))
+    assert (refused.status, (await refused.json())["error"]["code"]) == (503, "auth_not_configured")
+    assert (await closed.get("/healthz")).status == 200
+    opened = await serve(api_auth="off")
+    assert (await opened.post(PATH, json=meter("m-1", 0))).status == 202
 
 
 async def test_tokens_never_reach_the_logs(serve: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -99,6 +99,11 @@ CASES = [
     Case("129-character id", j(M, meterId="m" * 129), "invalid_device_id", ITEM),
     Case("control character in id", j(M, meterId="m\u0001"), "invalid_device_id", ITEM),
     Case("newline in id", j(V, vehicleId="v\n1"), "invalid_device_id", ITEM),
+    Case("zero width space in id", j(M, meterId="m\u200b1"), "invalid_device_id", ITEM),
+    Case("right-to-left override in id", j(V, vehicleId="v\u202e1"), "invalid_device_id", ITEM),
+    Case("byte order mark in id", j(M, meterId="\ufeffm-1"), "invalid_device_id", ITEM),
+    Case("a lone space as id", j(M, meterId=" "), "invalid_device_id", ITEM),
+    Case("leading space in id", j(V, vehicleId=" v-1"), "invalid_device_id", ITEM),
     Case(
         "naive timestamp", j(M, timestamp="2026-11-01T10:00:00"), "timestamp_without_offset", ITEM
     ),

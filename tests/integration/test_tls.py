@@ -288,7 +288,7 @@ async def test_run_exits_with_a_configuration_error_on_an_untrusted_certificate(
     assert process.returncode == 2, text
     assert "configuration_error" in text
     assert "CERTIFICATE_VERIFY_FAILED" in text
-    assert "dependency_unavailable" not in text  # no retrying first
+    assert '"dependency": "database"' not in text  # no retrying first
     assert DSN_PASSWORD not in text
 
 
