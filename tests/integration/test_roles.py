@@ -170,3 +170,30 @@ async def test_readiness_in_the_api_role_follows_the_apis_own_database(
     finally:
         await service.stop()
         await proxy.cut()
+
+
+async def test_the_api_never_falls_back_to_another_database_and_ingests_without_one(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """`--role api` whose FLEET_API_DATABASE_URL (a replica) is unreachable at start, while
+    FLEET_DATABASE_URL (the primary) is up: reads and writes answer 503 and the primary is
+    left alone; HTTP ingestion, which needs only the broker, is accepted meanwhile."""
+    proxy = TcpProxy(settings.database_url.get_secret_value())  # not started: unreachable
+    service = Service(
+        settings.model_copy(update={"api_database_url": SecretStr(proxy.dsn)}), Role.API
+    )
+    base = f"http://127.0.0.1:{settings.http_port}"
+    try:
+        assert await service.start()
+        assert (await _get(base, "/v1/vehicles/ev-1/live"))[0] == 503
+        body = {"meterId": "m-1", "from": "2026-11-01T00:00:00Z"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.put(f"{base}/v1/vehicles/ev-1/meter", json=body) as put,
+            http.post(f"{base}/v1/ingestion/telemetry", json=meter("m-http", 0)) as post,
+        ):
+            assert put.status == 503
+            assert post.status == 202
+    finally:
+        await service.stop()
+    assert await db.fetchval("SELECT count(*) FROM vehicle_meter_assignments") == 0
