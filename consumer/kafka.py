@@ -1,4 +1,4 @@
-"""Kafka clients built from Settings, topic provisioning, and the partition tracker."""
+"""Kafka clients built from Settings, topic provisioning, and the rebalance listener."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import os
 import socket
 import ssl
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,9 +17,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
 from consumer.errors import ConfigError
-from consumer.metrics import CONSUMER_LAG, PARTITIONS_HALTED
+from consumer.partitions import PartitionBook
 from consumer.settings import Settings
-from consumer.store import Claim
 
 log = structlog.get_logger(__name__)
 
@@ -138,63 +136,18 @@ async def ensure_topics(
         await admin.close()
 
 
-class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
-    """This member's book of partitions: pending claims, claims, halted partitions.
+class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Tells the partition book what the group decided. Newly assigned partitions are
+    paused until the pipeline has claimed them; revoked ones are simply forgotten (the
+    fence makes any batch of theirs still in flight fail to commit, so nothing here needs
+    the database)."""
 
-    Assigned partitions start paused and pending; the pipeline claims them in
-    PostgreSQL (bumping their fence), seeks to the stored offsets and resumes.
-    Revoked partitions are simply forgotten: the fence makes any batch of
-    theirs still in flight fail to commit, so nothing here needs the database.
-
-    A partition can also be deferred: pending, but not to be claimed before a
-    given time (see Pipeline._write); a rebalance that revokes or assigns it
-    ends the deferral. A halted partition (a record batch it cannot decode)
-    stays claimed and paused until it leaves this member.
-    """
-
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, book: PartitionBook) -> None:
         self._consumer = consumer
-        # pending partition -> the monotonic time it may be claimed from (0.0: now)
-        self.pending: dict[TopicPartition, float] = {}
-        self.claims: dict[TopicPartition, Claim] = {}
-        self.halted: dict[TopicPartition, tuple[int, str]] = {}  # -> (offset, error)
-
-    def defer(self, tp: TopicPartition, seconds: float) -> None:
-        self.pending[tp] = time.monotonic() + seconds
-
-    def due(self) -> list[TopicPartition]:
-        """The pending partitions to claim now, in claim order. A pending partition that is
-        no longer assigned (it was set aside while a rebalance took it) is dropped: claiming
-        it would fence its new owner, and the group gives it back through on_partitions_assigned."""
-        if not self.pending:  # the usual case, checked on every poll
-            return []
-        for tp in self.pending.keys() - self._consumer.assignment():
-            del self.pending[tp]
-        now = time.monotonic()
-        return sorted(tp for tp, not_before in self.pending.items() if not_before <= now)
-
-    def claimed(self, tp: TopicPartition, claim: Claim) -> None:
-        self.claims[tp] = claim
-        self.pending.pop(tp, None)
-
-    def halt(self, tp: TopicPartition, offset: int, error: str) -> None:
-        self.halted[tp] = (offset, error)
-        self._count_halted(tp.topic)
-
-    def _count_halted(self, topic: str) -> None:
-        PARTITIONS_HALTED.labels(topic).set(sum(tp.topic == topic for tp in self.halted))
-
-    def _forget(self, tp: TopicPartition) -> None:
-        self.pending.pop(tp, None)
-        self.claims.pop(tp, None)  # a fence from before is stale
-        if self.halted.pop(tp, None) is not None:
-            self._count_halted(tp.topic)
+        self._book = book
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        for tp in revoked:
-            self._forget(tp)
-            with contextlib.suppress(KeyError):  # no lag reported yet for it
-                CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+        self._book.revoked(revoked)
         log.info(
             "partitions_revoked", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in revoked)
         )
@@ -202,9 +155,7 @@ class PartitionTracker(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         if assigned:
             self._consumer.pause(*assigned)
-        for tp in assigned:
-            self._forget(tp)
-        self.pending.update(dict.fromkeys(assigned, 0.0))
+        self._book.assigned(assigned)
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),

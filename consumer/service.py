@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import random
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,9 +22,11 @@ from consumer.api.replica import ReplicaLag, as_of_header
 from consumer.api.routes import api_routes
 from consumer.api.security import configured_tokens, security_middlewares
 from consumer.api.server import ConnectionLimits, HardenedRunner
+from consumer.backoff import Backoff
 from consumer.errors import ConfigError, is_misconfiguration, is_transient, misconfigured
-from consumer.kafka import PartitionTracker, make_consumer, make_producer, member_name
+from consumer.kafka import RebalanceListener, make_consumer, make_producer, member_name
 from consumer.maintenance import HistoryMaintenance
+from consumer.partitions import PartitionBook
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
 from consumer.store import Store
@@ -43,7 +44,7 @@ async def _until_up(
     what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event
 ) -> T | None:
     """Start-up waits for its dependencies instead of crash-looping; None once asked to stop."""
-    delay = 0.5
+    backoff = Backoff(0.5, 10.0)
     while True:
         try:
             return await connect()
@@ -55,12 +56,16 @@ async def _until_up(
             if not is_transient(exc):
                 raise
             error = repr(exc)
-        log.warning("dependency_unavailable", dependency=what, error=error, retry_in_seconds=delay)
+        log.warning(
+            "dependency_unavailable",
+            dependency=what,
+            error=error,
+            retry_in_seconds=round(backoff.ceiling, 2),
+        )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.0))  # noqa: S311
+            await asyncio.wait_for(stop.wait(), backoff.next_wait())
         if stop.is_set():
             return None
-        delay = min(delay * 2, 10.0)
 
 
 class Role(enum.StrEnum):
@@ -101,6 +106,7 @@ class Service:
         self.producer: AIOKafkaProducer | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.pipeline: Pipeline | None = None
+        self.listener: RebalanceListener | None = None
         self.replica_lag = ReplicaLag(self.deps)
         self._stack: contextlib.AsyncExitStack | None = None
         self._failed: BaseException | None = None  # what a background connection hit
@@ -156,11 +162,12 @@ class Service:
         if self.producer is None:
             return False  # stopping (a failed connection stops the service too)
         self.consumer = make_consumer(s)
-        tracker = PartitionTracker(self.consumer)
-        self.consumer.subscribe(list(s.topics), listener=tracker)
+        book = PartitionBook()
+        self.listener = RebalanceListener(self.consumer, book)
+        self.consumer.subscribe(list(s.topics), listener=self.listener)
         if await _until_up("broker", self._start_consumer(stack), self.stopping) is None:
             return False
-        self.pipeline = Pipeline(s, self.store, self.consumer, tracker, self.producer)
+        self.pipeline = Pipeline(s, self.store, self.consumer, book, self.producer)
         log.info("consumer_started", group=s.group_id, topics=list(s.topics), member=member_name())
         return True
 

@@ -122,6 +122,18 @@ RETURNING topic, "partition", next_offset, fence
 
 
 class Store:
+    """The consumer group's side of PostgreSQL, for one member (`owner`).
+
+    Owns its connection pool (the write lanes', never shared with the API). Promises:
+    claim() bumps the fences of the partitions it takes, waiting out any batch still
+    writing them, and returns where each resumes; write() is the batch transaction of
+    the module docstring, all or nothing, refused whole (Fenced) when a partition's fence
+    has moved on; reset_offset() moves a claimed partition's stored offset, only under
+    its fence. Every call is bounded in time (FLEET_DB_COMMAND_TIMEOUT_SECONDS) and raises
+    the driver's errors, for consumer.sink to tell the transient ones. Called by the
+    pipeline and by history maintenance.
+    """
+
     def __init__(self, pool: asyncpg.Pool, group_id: str, owner: str) -> None:
         self.pool = pool
         self.group_id = group_id

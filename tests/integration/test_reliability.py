@@ -213,7 +213,7 @@ async def test_a_rebalance_during_a_database_outage_loses_nothing_when_it_ends(
             await proxy.cut()
             await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[half:])
             # A rebalance through the broker: every partition revoked and assigned again.
-            service.consumer.subscribe(list(settings.topics), listener=service.pipeline.tracker)
+            service.consumer.subscribe(list(settings.topics), listener=service.listener)
             await wait_until(lambda: _pending(service), timeout=30)
             await asyncio.sleep(2)  # claims retried, polls in flight meanwhile
             await proxy.start()
@@ -224,7 +224,7 @@ async def test_a_rebalance_during_a_database_outage_loses_nothing_when_it_ends(
 
 
 async def _pending(service: Service) -> bool:
-    return bool(service.pipeline and service.pipeline.tracker.pending)
+    return bool(service.pipeline and service.pipeline.book.pending)
 
 
 async def test_a_client_that_skips_ahead_is_sent_back_and_nothing_is_lost(
@@ -434,7 +434,7 @@ async def test_partitions_revoked_while_being_claimed_do_not_stop_the_consumer(
         await asyncio.wait_for(at_gate.wait(), timeout=30)
         # A rebalance through the broker that revokes every partition being claimed but the
         # meter topic's: the group's answer to a narrower subscription.
-        consumer.subscribe([settings.meter_topic], listener=service.pipeline.tracker)
+        consumer.subscribe([settings.meter_topic], listener=service.listener)
         await wait_until(lambda: _only_topic(consumer, settings.meter_topic), timeout=60)
         gate.set()
         await wait_until(lambda: offsets_reach(db, settings.meter_topic, len(readings)))
