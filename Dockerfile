@@ -11,8 +11,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY consumer ./consumer
 COPY producer_sim ./producer_sim
-COPY sql ./sql
-# Run from /app: `python -m consumer` imports ./consumer, which finds sql/ beside it.
+# consumer/sql/ is package data: installed with the package, found by `migrate` anywhere.
 RUN pip install . \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin fleet
 

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
 demo: $(STAMP) ## run broker, database, consumer and a simulated fleet locally
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m scripts.demo
 
 test-deps: ## install the Debian packages the tests use (prometheus, docker-compose) if missing
 	@scripts/test-deps.sh
@@ -28,17 +28,17 @@ test: $(STAMP) test-deps lint ## lint, then every test (real PostgreSQL and a lo
 	$(BIN)/pytest
 
 lint: $(STAMP) ## ruff and mypy --strict
-	$(BIN)/ruff check consumer producer_sim tests scripts
-	$(BIN)/ruff format --check consumer producer_sim tests scripts
+	$(BIN)/ruff check consumer producer_sim devtools tests scripts
+	$(BIN)/ruff format --check consumer producer_sim devtools tests scripts
 	$(BIN)/mypy
 
 bench: $(STAMP) ## ingest, freshness and API benchmarks (print numbers; see BENCHMARKS.md)
-	$(BIN)/python scripts/bench_ingest.py
-	$(BIN)/python scripts/bench_freshness.py
-	$(BIN)/python scripts/bench_api.py
+	$(BIN)/python -m scripts.bench_ingest
+	$(BIN)/python -m scripts.bench_freshness
+	$(BIN)/python -m scripts.bench_api
 
 chaos: $(STAMP) ## soak with kill -9, PostgreSQL crashes and outages, broker restart (~8 min; RELIABILITY.md)
-	$(BIN)/python scripts/chaos.py
+	$(BIN)/python -m scripts.chaos
 
 up: ## run the stack with docker compose (needs a Docker engine)
 	docker compose up -d

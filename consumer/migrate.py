@@ -16,7 +16,8 @@ import structlog
 
 from consumer.errors import ConfigError
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# Package data: installed beside this module, so `migrate` works from any directory.
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 _LOCK_KEY = 0x666C656574  # "fleet"
 # Texts a file had when it was applied somewhere, besides its current one. 001 was once
 # edited after it had landed (its indexes gained INCLUDE, now in 010); databases that

@@ -34,8 +34,8 @@ from consumer.api import analytics_sql
 from consumer.api.analytics import analytics_routes
 from consumer.api.app import make_app
 from consumer.api.deps import ApiDeps
-from consumer.devstack import free_port, fresh_database
 from consumer.settings import Settings
+from devtools.stack import free_port, fresh_database
 
 DATABASE = "fleet_bench_api"
 READINGS = 500  # per device, one a minute

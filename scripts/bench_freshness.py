@@ -33,7 +33,9 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from consumer.devstack import (
+from consumer.kafka import ensure_topics
+from devtools.processes import ConsumerProcess
+from devtools.stack import (
     free_port,
     fresh_database,
     postgres_reachable,
@@ -41,7 +43,6 @@ from consumer.devstack import (
     start_embedded_postgres,
     wait_for_port,
 )
-from consumer.kafka import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench"
@@ -122,13 +123,9 @@ async def run_level(
         "FLEET_HTTP_PORT": str(port),
         "FLEET_LOG_JSON": "true",
     }
-    log = (WORK / f"freshness-consumer-{rate}.log").open("wb")
-    consumer = subprocess.Popen(
-        [sys.executable, "-m", "consumer", "run", "--role", "ingest"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = WORK / f"freshness-consumer-{rate}.log"
+    log_path.unlink(missing_ok=True)
+    consumer = ConsumerProcess(env, log_path, "--role", "ingest", http_port=port)
     # The background fleet: rounds a minute apart, ending now, paced at `rate`.
     devices = 2_000
     rounds = int(rate * (seconds + 30) / (2 * devices)) + 1
@@ -166,9 +163,7 @@ async def run_level(
     finally:
         simulator.send_signal(signal.SIGINT)  # stops cleanly and prints its summary
         sim_out, _ = simulator.communicate(timeout=30)
-        consumer.terminate()
-        consumer.wait(timeout=60)
-        log.close()
+        await consumer.stop(timeout=60)
     lines = sim_out.decode().strip().splitlines()
     summary = json.loads(lines[-1]) if lines else {}
     return {

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,14 +29,15 @@ from typing import Any
 
 import asyncpg
 
-from consumer.devstack import (
+from consumer.kafka import ensure_topics
+from devtools.processes import ConsumerProcess
+from devtools.stack import (
     free_port,
     fresh_database,
     postgres_reachable,
     start_broker,
     start_embedded_postgres,
 )
-from consumer.kafka import ensure_topics
 from producer_sim.__main__ import publish
 from producer_sim.fleet import Fleet
 
@@ -55,20 +55,6 @@ async def _fresh_database(admin_dsn: str, name: str) -> str:
     finally:
         await admin.close()
     return dsn
-
-
-def _run_consumer(env: dict[str, str], log_path: Path) -> tuple[int, float]:
-    """Run the consumer until it idles out; returns (exit code, peak RSS in MB)."""
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run", "--idle-timeout", "5"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def _ingest_window(log_path: Path) -> tuple[int, float]:
@@ -193,7 +179,10 @@ async def main() -> None:
             "FLEET_LOG_JSON": "true",
         }
         log_path = WORK / "consumer.log"
-        code, peak_rss_mb = _run_consumer(env, log_path)
+        log_path.unlink(missing_ok=True)
+        consumer = ConsumerProcess(env, log_path, "--idle-timeout", "5")
+        code = await consumer.wait(timeout=None)
+        peak_rss_mb = consumer.peak_rss_kib / 1024
         if code != 0:
             raise SystemExit(f"consumer exited with {code}; see {log_path}")
         records, ingest_s = _ingest_window(log_path)

@@ -15,7 +15,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -25,10 +24,11 @@ from pathlib import Path
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from consumer.devstack import Broker, free_port, start_broker, wait_for_port, with_database
 from consumer.kafka import ensure_topics
 from consumer.migrate import migrate
 from consumer.settings import Settings
+from devtools.processes import ConsumerProcess
+from devtools.stack import Broker, free_port, start_broker, wait_for_port, with_database
 from producer_sim.__main__ import publish
 from producer_sim.assignments import write_assignments
 from producer_sim.fleet import Fleet
@@ -117,7 +117,7 @@ async def main(seconds: float | None) -> int:
     STATE.mkdir(exist_ok=True)
     broker: Broker | None = None
     embedded_pg = None
-    consumer: subprocess.Popen[bytes] | None = None
+    consumer: ConsumerProcess | None = None
     bootstrap = os.environ.get("FLEET_KAFKA_BOOTSTRAP_SERVERS")
     dsn = os.environ.get("FLEET_DATABASE_URL")
     try:
@@ -148,9 +148,9 @@ async def main(seconds: float | None) -> int:
         await ensure_topics(bootstrap, [*settings.topics, settings.dlq_topic], partitions=4)
 
         say("starting the consumer (python -m consumer run); its log is .demo/consumer.log")
-        log = (STATE / "consumer.log").open("wb")
-        consumer = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run"], stdout=log, stderr=subprocess.STDOUT
+        (STATE / "consumer.log").unlink(missing_ok=True)
+        consumer = ConsumerProcess(
+            dict(os.environ), STATE / "consumer.log", http_port=settings.http_port
         )
         wait_for_port(settings.http_port, timeout=30)
 
@@ -195,9 +195,7 @@ async def main(seconds: float | None) -> int:
         return 0
     finally:
         if consumer is not None:
-            consumer.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                consumer.wait(timeout=30)
+            await consumer.stop(timeout=30)
         if broker is not None:
             broker.stop()
         if embedded_pg is not None:

@@ -18,7 +18,9 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from consumer.devstack import (
+from consumer.kafka import ensure_topics
+from consumer.settings import Settings
+from devtools.stack import (
     drop_database,
     free_port,
     fresh_database,
@@ -26,8 +28,6 @@ from consumer.devstack import (
     start_broker,
     start_embedded_postgres,
 )
-from consumer.kafka import ensure_topics
-from consumer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / ".pytest-artifacts"

@@ -1,12 +1,12 @@
-"""What integration tests share: publishing, readings with known truth, and table reads."""
+"""What integration tests share: publishing, running the service in-process, table reads.
+(Readings themselves come from devtools.factories.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -15,41 +15,7 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.service import Service
 from consumer.settings import Settings
-
-BASE_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
-
-
-def meter(device: str, minute: int, kwh: float = 1.5, voltage: float = 230.0) -> dict[str, Any]:
-    ts = (BASE_TIME + timedelta(minutes=minute)).isoformat()
-    return {"meterId": device, "kwhConsumedAc": kwh, "voltage": voltage, "timestamp": ts}
-
-
-def vehicle(device: str, minute: int, kwh: float = 1.2, soc: float = 50.0) -> dict[str, Any]:
-    ts = (BASE_TIME + timedelta(minutes=minute)).isoformat()
-    return {
-        "vehicleId": device,
-        "soc": soc,
-        "kwhDeliveredDc": kwh,
-        "batteryTemp": 25.0,
-        "timestamp": ts,
-    }
-
-
-def encode(reading: dict[str, Any]) -> tuple[bytes, bytes]:
-    key = reading.get("meterId") or reading.get("vehicleId") or "none"
-    return str(key).encode(), json.dumps(reading).encode()
-
-
-def mixed_fleet(meters: int, vehicles: int, rounds: int) -> list[dict[str, Any]]:
-    """Readings of a fleet, round by round; energy values vary so sums are checkable."""
-    out: list[dict[str, Any]] = []
-    for r in range(rounds):
-        out += [meter(f"m-{i}", r, kwh=round(0.1 * (i % 7) + 0.001 * r, 3)) for i in range(meters)]
-        out += [
-            vehicle(f"v-{i}", r, kwh=round(0.2 * (i % 5) + 0.001 * r, 3), soc=float(r % 100))
-            for i in range(vehicles)
-        ]
-    return out
+from devtools.factories import encode
 
 
 async def publish(
@@ -120,14 +86,6 @@ async def stored_offsets(db: asyncpg.Connection, topic: str) -> int:
 
 def as_key(device: str, ts: datetime) -> tuple[str, str]:
     return device, ts.astimezone(UTC).isoformat()
-
-
-def expected_history(readings: Iterable[dict[str, Any]], id_field: str) -> set[tuple[str, str]]:
-    return {
-        as_key(r[id_field], datetime.fromisoformat(r["timestamp"]))
-        for r in readings
-        if id_field in r
-    }
 
 
 async def history_keys(db: asyncpg.Connection, table: str, id_col: str) -> list[tuple[str, str]]:

@@ -1,5 +1,5 @@
-"""Consumer processes and a cuttable TCP proxy, for crash, rebalance and outage tests;
-and a Prometheus server, for the scrape tests."""
+"""Consumer processes (devtools.processes) named after the test, a cuttable TCP proxy for
+outage tests, and a Prometheus server for the scrape tests."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,54 +16,16 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pytest
 
-from consumer.devstack import free_port, settings_env, wait_for_port
 from consumer.settings import Settings
+from devtools.processes import ConsumerProcess
+from devtools.stack import free_port, wait_for_port
 from tests.conftest import ARTIFACTS
 
 
-class ConsumerProcess:
-    """`python -m consumer run` as a child process with the test's settings."""
-
-    def __init__(self, settings: Settings, name: str, *args: str) -> None:
-        ARTIFACTS.mkdir(exist_ok=True)
-        self.log_path: Path = ARTIFACTS / f"{settings.group_id}-{name}.log"
-        self.http_port = free_port()
-        env = settings_env(settings) | {"FLEET_HTTP_PORT": str(self.http_port)}
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run", *args],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def member(self) -> str:
-        """The owner name it writes into consumer_offsets (hostname-pid)."""
-        return f"-{self.process.pid}"
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
-    async def wait(self, timeout: float = 60) -> int:
-        loop = asyncio.get_running_loop()
-        code = await asyncio.wait_for(loop.run_in_executor(None, self.process.wait), timeout)
-        self._log.close()
-        return code
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        """Its JSON log lines whose event is `name`."""
-        lines = (json.loads(line) for line in self.output().splitlines() if line.startswith("{"))
-        return [line for line in lines if line.get("event") == name]
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
-        self.process.wait()
-        self._log.close()
+def consumer_process(settings: Settings, name: str, *args: str) -> ConsumerProcess:
+    """`python -m consumer run` with the test's settings; its log is an artifact,
+    .pytest-artifacts/<group>-<name>.log."""
+    return ConsumerProcess(settings, ARTIFACTS / f"{settings.group_id}-{name}.log", *args)
 
 
 class TcpProxy:

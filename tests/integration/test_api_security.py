@@ -18,7 +18,7 @@ from consumer.api.openapi import openapi_routes
 from consumer.api.security import MAX_CLIENTS, TokenBuckets, security_middlewares
 from consumer.errors import ConfigError
 from consumer.settings import Settings
-from tests.integration.helpers import meter
+from devtools.factories import meter
 
 TOKENS = SecretStr(" alpha-token-1234, beta-token-5678")
 ALPHA = {"Authorization": "Bearer alpha-token-1234"}

@@ -9,7 +9,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer
 
 from consumer.settings import Settings
-from tests.integration.helpers import consume_until_idle, encode, meter, publish, vehicle
+from devtools.factories import encode, meter, vehicle
+from tests.integration.helpers import consume_until_idle, publish
 
 FUTURE = (datetime.now(UTC) + timedelta(days=2)).isoformat()
 GOOD_M = meter("m-1", 0)

@@ -8,7 +8,6 @@ object or array (invalid_body).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +20,8 @@ from consumer.api.app import make_app
 from consumer.api.deps import ApiDeps
 from consumer.api.ingestion import PATH, ingestion_routes
 from consumer.settings import Settings
-from tests.integration.helpers import consume_until_idle, encode, meter, vehicle
+from devtools.factories import MISSING, encode, meter, to_json, vehicle
+from tests.integration.helpers import consume_until_idle
 
 M = meter("m-1", 0)
 V = vehicle("v-1", 0)
@@ -38,11 +38,12 @@ class Case:
 
 
 def j(base: dict[str, Any], **changes: Any) -> bytes:
-    return json.dumps(base | changes).encode()
+    """The base reading as JSON, some fields changed (MISSING: left out)."""
+    return to_json({k: v for k, v in (base | changes).items() if v is not MISSING})
 
 
 def without(base: dict[str, Any], field: str) -> bytes:
-    return json.dumps({k: v for k, v in base.items() if k != field}).encode()
+    return j(base, **{field: MISSING})
 
 
 CASES = [

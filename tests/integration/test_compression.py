@@ -19,18 +19,16 @@ from aiokafka.record._crc32c import crc as crc32c
 from aiokafka.record.default_records import DefaultRecordBase, DefaultRecordBatchBuilder
 
 from consumer.settings import Settings
+from devtools.factories import encode, expected_history, meter, vehicle
+from devtools.processes import ConsumerProcess
 from tests.conftest import wait_until
 from tests.integration.helpers import (
     consume_until_idle,
-    encode,
-    expected_history,
     history_keys,
-    meter,
     publish_to_partition,
     stored_offsets,
-    vehicle,
 )
-from tests.integration.processes import ConsumerProcess
+from tests.integration.processes import consumer_process
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")
 
@@ -198,7 +196,7 @@ async def test_a_batch_no_client_can_decode_halts_its_partition_there_and_nothin
     bad_end = bad_offset + 3 + len(after[1])
 
     for run in ("first", "restarted"):
-        member = ConsumerProcess(settings, run)
+        member = consumer_process(settings, run)
         try:
             # Everything but the bad partition's tail: 4 x 10 readings less its 5 after.
             await wait_until(lambda: stored_offsets(db, topic), timeout=60)

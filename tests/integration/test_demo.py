@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 
-from consumer.devstack import free_port
+from devtools.stack import free_port
 from tests.conftest import ROOT
 
 
@@ -21,9 +21,11 @@ async def test_demo_stores_every_message_and_says_where_to_look(broker: str, dat
     }
     demo = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(ROOT / "scripts" / "demo.py"),
+        "-m",
+        "scripts.demo",
         "--seconds",
         "0",
+        cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

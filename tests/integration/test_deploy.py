@@ -34,21 +34,14 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from consumer.devstack import drop_database, fresh_database, start_local_postgres
 from consumer.kafka import ensure_topics
 from consumer.migrate import migrate
 from consumer.service import Role, Service
 from consumer.settings import Settings
+from devtools.factories import encode, meter, mixed_fleet
+from devtools.stack import drop_database, fresh_database, start_local_postgres
 from tests.conftest import ARTIFACTS, ROOT, make_settings, wait_until
-from tests.integration.helpers import (
-    encode,
-    meter,
-    mixed_fleet,
-    offsets_reach,
-    publish,
-    publish_readings,
-    running_service,
-)
+from tests.integration.helpers import offsets_reach, publish, publish_readings, running_service
 from tests.integration.processes import running_prometheus
 
 COMPOSE = ROOT / "docker-compose.yml"

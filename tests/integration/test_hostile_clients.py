@@ -15,12 +15,13 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from consumer.devstack import free_port
 from consumer.service import Role, Service
 from consumer.settings import Settings
+from devtools.factories import meter
+from devtools.processes import ConsumerProcess
+from devtools.stack import free_port
 from tests.conftest import wait_until
-from tests.integration.helpers import meter
-from tests.integration.processes import ConsumerProcess
+from tests.integration.processes import consumer_process
 
 TOKENS = SecretStr("reader-token:read,gateway-token:ingest,ops-token:admin+read,all-token")
 READER = {"Authorization": "Bearer reader-token"}
@@ -63,7 +64,7 @@ def cpu_seconds(pid: int) -> float:
 async def api(settings: Settings) -> AsyncIterator[tuple[Settings, ConsumerProcess]]:
     """`run --role api` with scoped tokens, in a process of its own (its CPU and log)."""
     s = settings.model_copy(update={"api_tokens": TOKENS, "api_auth": "tokens"})
-    server = ConsumerProcess(s, "api", "--role", "api")
+    server = consumer_process(s, "api", "--role", "api")
     await wait_until(lambda: _ready(server.http_port), timeout=30)
     yield s, server
     server.kill()
@@ -110,7 +111,7 @@ async def test_without_tokens_v1_is_refused_unless_auth_is_off_on_purpose(
     the start-up log says so; FLEET_API_AUTH=off serves it, with a warning."""
     for auth, expected in (("tokens", 503), ("off", 404)):
         s = settings.model_copy(update={"api_auth": auth})
-        server = ConsumerProcess(s, f"auth-{auth}", "--role", "api")
+        server = consumer_process(s, f"auth-{auth}", "--role", "api")
         try:
             await wait_until(lambda p=server.http_port: _ready(p), timeout=30)
             status, body, _ = await raw(
@@ -264,7 +265,7 @@ async def test_slow_headers_idle_sockets_and_stalled_bodies_are_closed(settings:
             "http_max_connections_per_address": 4,
         }
     )
-    server = ConsumerProcess(s, "timeouts", "--role", "api")
+    server = consumer_process(s, "timeouts", "--role", "api")
     try:
         await wait_until(lambda: _ready(server.http_port), timeout=30)
         port = server.http_port

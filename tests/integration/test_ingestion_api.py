@@ -18,11 +18,12 @@ from consumer.api.deps import ApiDeps
 from consumer.api.ingestion import PATH, ingestion_routes
 from consumer.api.openapi import openapi_routes
 from consumer.api.security import security_middlewares
-from consumer.devstack import start_broker
 from consumer.kafka import ensure_topics, make_producer
 from consumer.settings import Settings
+from devtools.factories import meter, vehicle
+from devtools.stack import start_broker
 from tests.conftest import ARTIFACTS, wait_until
-from tests.integration.helpers import as_key, consume_until_idle, meter, vehicle
+from tests.integration.helpers import as_key, consume_until_idle
 
 FUTURE = (datetime.now(UTC) + timedelta(days=2)).isoformat()
 
@@ -69,7 +70,7 @@ async def test_one_reading_is_acknowledged_and_stored_by_the_consumer(
     client: TestClient[Any, Any], settings: Settings, db: asyncpg.Connection
 ) -> None:
     """A single valid reading gets 202 and reaches meter_history through Kafka and the consumer."""
-    reading = meter("m-http-1", 0, kwh=2.5)
+    reading = meter("m-http-1", 0, kwhConsumedAc=2.5)
     response = await post_json(client, reading)
     assert response.status == 202
     assert await response.json() == {"accepted": 1, "rejected": []}
@@ -89,7 +90,7 @@ async def test_array_stores_valid_items_and_reports_each_invalid_one_by_index(
     good_meter, good_vehicle = meter("m-http-2", 1), vehicle("v-http-2", 1)
     items: list[Any] = [
         good_meter,
-        meter("m-bad", 2, kwh=-1.0),
+        meter("m-bad", 2, kwhConsumedAc=-1.0),
         good_vehicle,
         {"kwhConsumedAc": 1.0},
         42,
@@ -145,7 +146,7 @@ async def test_unparseable_body_is_refused_whole_as_malformed_json(
 
 async def test_nothing_valid_is_400_with_the_reasons(client: TestClient[Any, Any]) -> None:
     """When no item is valid the answer is 400 no_valid_readings, still listing every reason."""
-    response = await post_json(client, [meter("m-1", 0, kwh=-1.0), {"soc": 1}])
+    response = await post_json(client, [meter("m-1", 0, kwhConsumedAc=-1.0), {"soc": 1}])
     assert response.status == 400
     body = await response.json()
     assert body["error"]["code"] == "no_valid_readings"

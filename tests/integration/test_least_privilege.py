@@ -22,13 +22,14 @@ from pydantic import SecretStr
 from consumer.api.analytics import analytics_routes
 from consumer.api.app import make_app
 from consumer.api.deps import ApiDeps
-from consumer.devstack import with_database
 from consumer.migrate import SQL_DIR, migrate, migration_files
 from consumer.service import Role, Service
 from consumer.settings import Settings
 from consumer.store import Store
+from devtools.factories import meter, vehicle
+from devtools.stack import with_database
 from tests.conftest import wait_until
-from tests.integration.helpers import meter, offsets_reach, publish, publish_readings, vehicle
+from tests.integration.helpers import offsets_reach, publish, publish_readings
 
 MakeLogin = Callable[[str | None], Awaitable[str]]
 KEYS = {  # every table the service writes, and a column of it
@@ -157,7 +158,7 @@ async def test_consumer_as_a_fleet_writer_login_ingests_upserts_and_dead_letters
     await publish_readings(
         bootstrap,
         topic,
-        [meter("m-1", 1, kwh=1.0), vehicle("v-1", 1, soc=40.0), meter("banned", 1)],
+        [meter("m-1", 1, kwhConsumedAc=1.0), vehicle("v-1", 1, soc=40.0), meter("banned", 1)],
     )
     await publish(bootstrap, topic, [(b"x", b"{not json")])
 
@@ -175,8 +176,10 @@ async def test_consumer_as_a_fleet_writer_login_ingests_upserts_and_dead_letters
         await wait_until(lambda: consumed(4), timeout=30)
         later = [
             vehicle("v-1", 5, soc=60.0),  # newer: live is updated
-            meter("m-1", 0, kwh=9.0),  # older: history only, live keeps minute 1
-            meter("m-1", 1, kwh=5.0),  # re-sent minute 1: neither history nor live changes
+            meter("m-1", 0, kwhConsumedAc=9.0),  # older: history only, live keeps minute 1
+            meter(
+                "m-1", 1, kwhConsumedAc=5.0
+            ),  # re-sent minute 1: neither history nor live changes
         ]
         await publish_readings(bootstrap, topic, later)
         await wait_until(lambda: consumed(7), timeout=30)

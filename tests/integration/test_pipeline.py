@@ -17,21 +17,17 @@ from consumer.models import MeterReading, Stream
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.store import Store
+from devtools.factories import encode, expected_history, meter, mixed_fleet, vehicle
 from tests.conftest import wait_until
 from tests.integration.helpers import (
     consume_until_idle,
     dec,
-    encode,
-    expected_history,
     history_keys,
-    meter,
-    mixed_fleet,
     newest_by_device,
     offsets_reach,
     publish_readings,
     publish_to_partition,
     running_service,
-    vehicle,
 )
 
 
@@ -85,12 +81,18 @@ async def test_resent_reading_does_not_double_energy(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     """A device re-sending a reading (same timestamp), in the same or a later batch, is stored once."""
-    first = [meter("m-1", 0, kwh=2.0), meter("m-1", 1, kwh=3.0), meter("m-1", 1, kwh=3.0)]
+    first = [
+        meter("m-1", 0, kwhConsumedAc=2.0),
+        meter("m-1", 1, kwhConsumedAc=3.0),
+        meter("m-1", 1, kwhConsumedAc=3.0),
+    ]
     async with running_service(settings):
         await publish_readings(settings.kafka_bootstrap_servers, settings.mixed_topic, first)
         await wait_until(lambda: offsets_reach(db, settings.mixed_topic, 3))
         await publish_readings(
-            settings.kafka_bootstrap_servers, settings.mixed_topic, [meter("m-1", 0, kwh=2.0)]
+            settings.kafka_bootstrap_servers,
+            settings.mixed_topic,
+            [meter("m-1", 0, kwhConsumedAc=2.0)],
         )
         await wait_until(lambda: offsets_reach(db, settings.mixed_topic, 4))
 

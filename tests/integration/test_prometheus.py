@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 
 from consumer.settings import Settings
+from devtools.factories import mixed_fleet
 from tests.conftest import wait_until
-from tests.integration.helpers import mixed_fleet, publish_readings, running_service
+from tests.integration.helpers import publish_readings, running_service
 from tests.integration.processes import running_prometheus
 
 RATE = 'sum(rate(fleet_ingest_records_total{outcome="stored"}[15s]))'

@@ -17,26 +17,25 @@ from pydantic import SecretStr
 
 from consumer.batch import build_batch
 from consumer.decode import Limits
-from consumer.devstack import start_broker
 from consumer.errors import Fenced
 from consumer.kafka import ensure_topics
 from consumer.models import Stream
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.store import Store
+from devtools.factories import encode, expected_history, mixed_fleet
+from devtools.processes import ConsumerProcess
+from devtools.stack import start_broker
 from tests.conftest import ARTIFACTS, wait_until
 from tests.integration.helpers import (
-    encode,
-    expected_history,
     history_keys,
-    mixed_fleet,
     offsets_reach,
     publish,
     publish_to_partition,
     running_service,
     stored_offsets,
 )
-from tests.integration.processes import ConsumerProcess, TcpProxy
+from tests.integration.processes import TcpProxy, consumer_process
 
 FENCES = 'SELECT topic, "partition", fence FROM consumer_offsets ORDER BY 1, 2'
 BAD_EVERY = 97  # a malformed message every so often: dead letters have no unique key,
@@ -90,7 +89,7 @@ async def test_consumer_killed_with_sigkill_again_and_again_loses_and_duplicates
     await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages)
 
     for kill in range(1, 4):
-        victim = ConsumerProcess(settings, f"killed-{kill}")
+        victim = consumer_process(settings, f"killed-{kill}")
         try:
             await wait_until(lambda n=kill: _at_least(db, n * 2000), timeout=60)
         finally:
@@ -98,7 +97,7 @@ async def test_consumer_killed_with_sigkill_again_and_again_loses_and_duplicates
             await victim.wait()
     assert await history_count(db) < len(readings), "killed too late to prove anything"
 
-    survivor = ConsumerProcess(settings, "survivor", "--idle-timeout", "3")
+    survivor = consumer_process(settings, "survivor", "--idle-timeout", "3")
     assert await survivor.wait(timeout=120) == 0, survivor.output()
     await assert_exactly_once(db, settings, readings, messages)
 
@@ -112,11 +111,11 @@ async def test_members_joining_and_leaving_mid_stream_lose_and_duplicate_nothing
     half = len(messages) // 2
     await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[:half])
 
-    first = ConsumerProcess(settings, "first")
+    first = consumer_process(settings, "first")
     second: ConsumerProcess | None = None
     try:
         await wait_until(lambda: _at_least(db, 1000), timeout=60)
-        second = ConsumerProcess(settings, "second", "--idle-timeout", "6")
+        second = consumer_process(settings, "second", "--idle-timeout", "6")
         await publish(settings.kafka_bootstrap_servers, settings.mixed_topic, messages[half:])
         await wait_until(lambda: _owner_committed(db, second), timeout=60)
         first.signal(signal.SIGTERM)
@@ -147,7 +146,7 @@ async def test_rebalances_while_readings_keep_arriving_lose_and_duplicate_nothin
     async with running_service(settings):
         publisher = asyncio.create_task(publish_steadily())
         await wait_until(lambda: _at_least(db, 200), timeout=60)
-        second = ConsumerProcess(settings, "joiner")
+        second = consumer_process(settings, "joiner")
         try:
             await wait_until(lambda: _owner_committed(db, second), timeout=60)
             second.signal(signal.SIGTERM)
@@ -384,7 +383,7 @@ async def test_a_zombie_stopped_mid_write_is_fenced_when_it_wakes(
     third = len(messages) // 3
     bootstrap = settings.kafka_bootstrap_servers
     await publish(bootstrap, settings.mixed_topic, messages[:third])
-    zombie = ConsumerProcess(
+    zombie = consumer_process(
         settings.model_copy(update={"database_url": SecretStr(proxy.dsn)}), "zombie"
     )
     successor: ConsumerProcess | None = None
@@ -394,7 +393,7 @@ async def test_a_zombie_stopped_mid_write_is_fenced_when_it_wakes(
         await publish(bootstrap, settings.mixed_topic, messages[third : 2 * third])
         await wait_until(lambda: _held(proxy))
         zombie.signal(signal.SIGSTOP)
-        successor = ConsumerProcess(settings, "successor")
+        successor = consumer_process(settings, "successor")
         await wait_until(lambda: _offsets_at(db, settings, 2 * third), timeout=90)
         proxy.release()  # the stale write arrives now, with the zombie's old fence
         await asyncio.sleep(1)

@@ -12,15 +12,16 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from consumer.devstack import (
+from consumer.migrate import migrate
+from devtools.processes import ConsumerProcess
+from devtools.stack import (
     LocalPostgres,
     start_local_postgres,
     start_standby,
     with_database,
 )
-from consumer.migrate import migrate
 from tests.conftest import ARTIFACTS, make_settings, wait_until
-from tests.integration.processes import ConsumerProcess
+from tests.integration.processes import consumer_process
 from tests.integration.test_analytics import T0, add_meter, add_vehicle, assign, window
 
 PATHS = [
@@ -92,7 +93,7 @@ async def test_the_api_on_a_standby_answers_like_the_primary_refuses_writes_and_
         s = make_settings(
             broker, dsn, api_database_url=SecretStr(dsn), api_max_replica_lag_seconds=2
         )
-        apis[name] = ConsumerProcess(s, f"api-on-{name}", "--role", "api")
+        apis[name] = consumer_process(s, f"api-on-{name}", "--role", "api")
     on_primary = f"http://127.0.0.1:{apis['primary'].http_port}"
     on_standby = f"http://127.0.0.1:{apis['standby'].http_port}"
     check = await asyncpg.connect(standby_dsn)

@@ -12,8 +12,9 @@ from prometheus_client import REGISTRY
 from consumer.maintenance import HistoryMaintenance
 from consumer.settings import Settings
 from consumer.store import Store
+from devtools.factories import meter
 from tests.conftest import wait_until
-from tests.integration.helpers import meter, offsets_reach, publish_readings, running_service
+from tests.integration.helpers import offsets_reach, publish_readings, running_service
 
 INSERT = 'INSERT INTO meter_history (meter_id, kwh_consumed_ac, voltage, "timestamp") VALUES ($1, 1, 230, $2)'
 

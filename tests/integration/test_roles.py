@@ -13,8 +13,9 @@ from pydantic import SecretStr
 
 from consumer.service import Role, Service
 from consumer.settings import Settings
+from devtools.factories import meter
 from tests.conftest import wait_until
-from tests.integration.helpers import meter, offsets_reach
+from tests.integration.helpers import offsets_reach
 from tests.integration.processes import TcpProxy
 
 

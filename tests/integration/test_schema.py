@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from consumer.devstack import with_database
 from consumer.errors import ConfigError
 from consumer.migrate import SQL_DIR, migrate, migration_files
+from devtools.stack import with_database
+from tests.conftest import ROOT
 
 
 async def test_migrate_twice_and_concurrently_applies_each_file_once(database: str) -> None:
@@ -127,3 +131,30 @@ async def test_a_database_that_applied_an_earlier_landed_001_migrates_and_others
             await migrate(database)
     finally:
         await conn.close()
+
+
+def test_the_migrations_ship_in_the_package_and_the_dev_tooling_does_not(tmp_path: Path) -> None:
+    """`pip install` of the project carries consumer/sql/ (so `migrate` works wherever the
+    package is installed, whatever the working directory) and none of devtools/ or scripts/."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(
+        n.removeprefix("consumer/sql/") for n in names if n.startswith("consumer/sql/")
+    )
+    assert shipped == [p.name for p in migration_files()]
+    assert not [n for n in names if n.startswith(("devtools/", "scripts/", "tests/"))]

@@ -11,8 +11,9 @@ import pytest
 from consumer.errors import ConfigError
 from consumer.service import Role, Service
 from consumer.settings import Settings
+from devtools.factories import meter
 from tests.conftest import wait_until
-from tests.integration.helpers import meter, offsets_reach, publish_readings
+from tests.integration.helpers import offsets_reach, publish_readings
 
 
 def listening(port: int) -> bool:

@@ -27,20 +27,21 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError
 from pydantic import SecretStr
 
-from consumer.devstack import (
+from consumer.errors import ConfigError, is_misconfiguration, is_transient
+from consumer.kafka import ensure_topics, security_kwargs
+from consumer.migrate import migrate
+from consumer.service import Role, Service
+from consumer.settings import Settings
+from devtools.factories import meter, vehicle
+from devtools.stack import (
     LocalPostgres,
     free_port,
     settings_env,
     start_local_postgres,
     with_database,
 )
-from consumer.errors import ConfigError, is_misconfiguration, is_transient
-from consumer.kafka import ensure_topics, security_kwargs
-from consumer.migrate import migrate
-from consumer.service import Role, Service
-from consumer.settings import Settings
 from tests.conftest import make_settings, wait_until
-from tests.integration.helpers import meter, publish_readings, vehicle
+from tests.integration.helpers import publish_readings
 from tests.pki import EC_KEY, make_ca, openssl
 
 DSN_PASSWORD = "dsn-pass-4e0b"  # noqa: S105 -- a test credential (trust auth ignores it)

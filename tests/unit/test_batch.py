@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from consumer.batch import Batch, DeadLetter, OffsetRange, build_batch
 from consumer.decode import Limits, Reason
 from consumer.models import MeterReading, Stream, VehicleReading
+from devtools.factories import meter, to_json, vehicle
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 LIMITS = Limits()
@@ -32,19 +32,11 @@ class FakeMessage:
 
 
 def meter_json(meter_id: str, kwh: float = 1.0, ts: str = "2024-06-01T11:00:00Z") -> bytes:
-    obj = {"meterId": meter_id, "kwhConsumedAc": kwh, "voltage": 230.0, "timestamp": ts}
-    return json.dumps(obj).encode()
+    return to_json(meter(meter_id, kwhConsumedAc=kwh, timestamp=ts))
 
 
 def vehicle_json(vehicle_id: str, soc: float = 50.0, ts: str = "2024-06-01T11:00:00Z") -> bytes:
-    obj = {
-        "vehicleId": vehicle_id,
-        "soc": soc,
-        "kwhDeliveredDc": 0.9,
-        "batteryTemp": 30.0,
-        "timestamp": ts,
-    }
-    return json.dumps(obj).encode()
+    return to_json(vehicle(vehicle_id, soc=soc, timestamp=ts))
 
 
 def msg(
@@ -58,13 +50,11 @@ def build(messages: list[FakeMessage], *, now: datetime = NOW, limits: Limits = 
 
 
 def meter_reading(device: str, ts: datetime, kwh: float = 1.0) -> MeterReading:
-    return MeterReading(meterId=device, kwhConsumedAc=kwh, voltage=230.0, timestamp=ts)
+    return MeterReading.model_validate(meter(device, kwhConsumedAc=kwh, timestamp=ts))
 
 
 def vehicle_reading(device: str, ts: datetime, soc: float = 50.0) -> VehicleReading:
-    return VehicleReading(
-        vehicleId=device, soc=soc, kwhDeliveredDc=0.5, batteryTemp=25.0, timestamp=ts
-    )
+    return VehicleReading.model_validate(vehicle(device, soc=soc, timestamp=ts))
 
 
 # --- build_batch ----------------------------------------------------------------------------------

