@@ -147,8 +147,7 @@ def start_embedded_postgres(data_dir: Path) -> str:
     """Start (or reuse) a pgserver instance in data_dir; returns a DSN for its `postgres` db."""
     import pgserver  # noqa: PLC0415 -- dev extra
 
-    # pgserver re-exports get_server without declaring it; the call is its documented API.
-    server = pgserver.get_server(str(data_dir), cleanup_mode=None)  # type: ignore[attr-defined]
+    server = pgserver.get_server(str(data_dir), cleanup_mode=None)
     uri: str = server.get_uri()
     return uri
 

@@ -1,8 +1,10 @@
 """Analytics read side: charging efficiency, vehicle->meter assignments, live readings.
 
-Handlers validate input into ApiError(400, code) before any query, run one
-parameterised statement (assignment changes: one transaction) and answer in
-camelCase with UTC ISO-8601 timestamps. Energy, temperature and ratios come
+Each endpoint is an Operation (consumer.api.operation): its path, query and body are
+validated with the models of consumer.api.contract before the handler runs, and its
+answer is serialised from them. A handler checks what depends on settings (the
+window), runs one parameterised statement (assignment changes: one transaction) and
+answers in camelCase with UTC ISO-8601 timestamps. Energy, temperature and ratios come
 from SQL NUMERIC already rounded; they become JSON numbers only at the edge.
 """
 
@@ -11,84 +13,56 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated
 
 import asyncpg
 from aiohttp import web
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter
 
 from consumer.api import analytics_sql as sql
-from consumer.api.body import read_json
+from consumer.api.contract import (
+    ApiModel,
+    Assignment,
+    AssignmentRequest,
+    Assignments,
+    AssignmentSpan,
+    FleetEfficiency,
+    FleetQuery,
+    FleetVehicle,
+    MeterLive,
+    MeterPath,
+    Performance,
+    PerformanceQuery,
+    VehicleLive,
+    VehiclePath,
+    WindowQuery,
+)
 from consumer.api.deps import DEPS, ApiDeps
 from consumer.api.errors import ApiError
+from consumer.api.operation import Answer, Operation, routes_of
 from consumer.api.security import charge
 from consumer.models import DeviceId, Timestamp
-
-STATUSES = ("normal", "fault", "anomalous", "insufficient_data", "unlinked")
-
-# The ingestion models' rules, so an id or instant the API accepts is one a device could send.
-_device_id: TypeAdapter[str] = TypeAdapter(DeviceId)
-_timestamp: TypeAdapter[datetime] = TypeAdapter(Timestamp)
-# An unencoded "+" in a query string arrives as a space: "...10:00:00 01:00".
-_SPACED_OFFSET = re.compile(r"(?<=\d) (\d{2}(?::?\d{2})?)$")
 
 
 def _deps(request: web.Request) -> ApiDeps:
     return request.app[DEPS]
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
+def _ok(model: ApiModel, status: int = 200) -> web.Response:
+    return web.json_response(model.body(), status=status)
 
 
-def _num(value: Decimal | None) -> float | None:
-    # NUMERIC rounded to <= 4 places and < 16 digits: the float's shortest repr is the same text.
-    return None if value is None else float(value)
-
-
-def _parse_id(value: object, code: str, what: str) -> str:
-    try:
-        return _device_id.validate_python(value)
-    except ValidationError:
-        raise ApiError(
-            400,
-            code,
-            f"{what} must be 1-128 visible characters (letters, digits, punctuation, symbols; "
-            "spaces only between them)",
-        ) from None
-
-
-def _parse_instant(value: object, code: str, name: str, *, from_query: bool) -> datetime:
-    if from_query and isinstance(value, str):
-        value = _SPACED_OFFSET.sub(r"+\1", value)
-    try:
-        return _timestamp.validate_python(value).astimezone(UTC)
-    except ValidationError:
-        raise ApiError(
-            400,
-            code,
-            f"{name} must be an ISO-8601 timestamp with an offset, e.g. 2026-01-31T10:00:00Z",
-        ) from None
-
-
-def _window(request: web.Request) -> tuple[datetime, datetime]:
+def _window(request: web.Request, query: WindowQuery) -> tuple[datetime, datetime]:
     """[from, to) from the query; a missing `to` is now, a missing `from` the default span before `to`."""
     settings = _deps(request).settings
-    q = request.query
-    to = (
-        _parse_instant(q["to"], "invalid_to", "to", from_query=True)
-        if "to" in q
-        else datetime.now(UTC)
-    )
-    start = (
-        _parse_instant(q["from"], "invalid_from", "from", from_query=True)
-        if "from" in q
-        else to - timedelta(hours=settings.analytics_default_window_hours)
-    )
+    to = datetime.now(UTC) if query.to is None else query.to.astimezone(UTC)
+    if query.from_ is None:
+        start = to - timedelta(hours=settings.analytics_default_window_hours)
+    else:
+        start = query.from_.astimezone(UTC)
     _check_window(request, start, to)
     return start, to
 
@@ -103,6 +77,12 @@ def _check_window(request: web.Request, start: datetime, to: datetime) -> None:
     charge(request, (to - start) / timedelta(days=1))
 
 
+WINDOW_REFUSALS = (
+    "invalid_window (from not before to)",
+    "window_too_large (longer than FLEET_ANALYTICS_MAX_WINDOW_DAYS)",
+)
+
+
 def _thresholds(request: web.Request) -> tuple[Decimal, Decimal, Decimal]:
     # Through str: 0.85 stays 0.85 in NUMERIC, not the float just below it.
     s = _deps(request).settings
@@ -113,32 +93,30 @@ def _thresholds(request: web.Request) -> tuple[Decimal, Decimal, Decimal]:
     )
 
 
-async def performance(request: web.Request) -> web.Response:
-    vehicle_id = _parse_id(request.match_info["vehicleId"], "invalid_vehicle_id", "vehicleId")
-    start, to = _window(request)
-    meter_id = request.query.get("meterId")
-    if meter_id is not None:
-        meter_id = _parse_id(meter_id, "invalid_meter_id", "meterId")
+async def performance(
+    request: web.Request, path: VehiclePath, query: PerformanceQuery
+) -> web.Response:
+    start, to = _window(request, query)
     pool = _deps(request).require_pool()
     row = await pool.fetchrow(
-        sql.PERFORMANCE, *_thresholds(request), vehicle_id, start, to, meter_id
+        sql.PERFORMANCE, *_thresholds(request), path.vehicle_id, start, to, query.meter_id
     )
     if row["vehicle_readings"] == 0:
         raise ApiError(404, "vehicle_not_found", "the vehicle has no readings in this window")
-    return web.json_response(
-        {
-            "vehicleId": vehicle_id,
-            "from": _iso(start),
-            "to": _iso(to),
-            "meterIds": list(row["meter_ids"]),
-            "totalKwhDeliveredDc": _num(row["dc"]),
-            "totalKwhConsumedAc": _num(row["ac"]),
-            "avgBatteryTemp": _num(row["temp"]),
-            "efficiencyRatio": _num(row["ratio"]),
-            "status": row["status"],
-            "vehicleReadings": row["vehicle_readings"],
-            "meterReadings": row["meter_readings"],
-        }
+    return _ok(
+        Performance(
+            vehicle_id=path.vehicle_id,
+            from_=start,
+            to=to,
+            meter_ids=list(row["meter_ids"]),
+            total_kwh_delivered_dc=row["dc"],
+            total_kwh_consumed_ac=row["ac"],
+            avg_battery_temp=row["temp"],
+            efficiency_ratio=row["ratio"],
+            status=row["status"],
+            vehicle_readings=row["vehicle_readings"],
+            meter_readings=row["meter_readings"],
+        )
     )
 
 
@@ -155,7 +133,7 @@ class Cursor:
     vehicle_id: str
 
     def encode(self) -> str:
-        raw = [_iso(self.start), _iso(self.to), None if self.ratio is None else str(self.ratio)]
+        raw = [self.start.isoformat(), self.to.isoformat(), _text(self.ratio)]
         return base64.urlsafe_b64encode(json.dumps([*raw, self.vehicle_id]).encode()).decode()
 
     @classmethod
@@ -169,6 +147,10 @@ class Cursor:
         return cls(start.astimezone(UTC), to.astimezone(UTC), ratio, vehicle_id)
 
 
+def _text(ratio: Decimal | None) -> str | None:
+    return None if ratio is None else str(ratio)
+
+
 _cursor_fields: TypeAdapter[tuple[datetime, datetime, Decimal | None, str]] = TypeAdapter(
     # Bounded like the ratios the query returns: a forged cursor is a 400, never a SQL error.
     tuple[
@@ -180,32 +162,16 @@ _cursor_fields: TypeAdapter[tuple[datetime, datetime, Decimal | None, str]] = Ty
 )
 
 
-def _page_size(request: web.Request) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return _deps(request).settings.fleet_report_page_size
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise ApiError(400, "invalid_limit", "limit must be an integer from 1 to 1000")
-    return int(raw)
-
-
-async def fleet_efficiency(request: web.Request) -> web.Response:
-    q = request.query
-    status = q.get("status")
-    if status is not None and status not in STATUSES:
-        raise ApiError(400, "invalid_status", f"status must be one of {', '.join(STATUSES)}")
-    limit = _page_size(request)
-    cursor = Cursor.decode(q["cursor"]) if "cursor" in q else None
+async def fleet_efficiency(request: web.Request, query: FleetQuery) -> web.Response:
+    limit = query.limit or _deps(request).settings.fleet_report_page_size
+    cursor = None if query.cursor is None else Cursor.decode(query.cursor)
     if cursor is None:
-        start, to = _window(request)
+        start, to = _window(request, query)
     else:
         # The cursor pins the window; a from/to sent along must be the same one.
         start, to = cursor.start, cursor.to
-        for name, pinned in (("from", start), ("to", to)):
-            if (
-                name in q
-                and _parse_instant(q[name], f"invalid_{name}", name, from_query=True) != pinned
-            ):
+        for sent, pinned in ((query.from_, start), (query.to, to)):
+            if sent is not None and sent != pinned:
                 raise ApiError(400, "invalid_cursor", "cursor belongs to a different window")
         _check_window(request, start, to)
     deps = _deps(request)
@@ -216,7 +182,7 @@ async def fleet_efficiency(request: web.Request) -> web.Response:
             *_thresholds(request),
             start,
             to,
-            status,
+            None if query.status is None else str(query.status),
             cursor.ratio if cursor else None,
             cursor.vehicle_id if cursor else None,
             limit + 1,  # one more than a page tells whether another page exists
@@ -226,43 +192,26 @@ async def fleet_efficiency(request: web.Request) -> web.Response:
     if len(rows) > limit:
         last = page[-1]
         next_cursor = Cursor(start, to, last["ratio"], last["vehicle_id"]).encode()
-    return web.json_response(
-        {
-            "from": _iso(start),
-            "to": _iso(to),
-            "vehicles": [
-                {
-                    "vehicleId": r["vehicle_id"],
-                    "meterIds": list(r["meter_ids"]),
-                    "totalKwhDeliveredDc": _num(r["dc"]),
-                    "totalKwhConsumedAc": _num(r["ac"]),
-                    "efficiencyRatio": _num(r["ratio"]),
-                    "status": r["status"],
-                }
-                for r in page
-            ],
-            "nextCursor": next_cursor,
-        }
-    )
+    vehicles = [
+        FleetVehicle(
+            vehicle_id=r["vehicle_id"],
+            meter_ids=list(r["meter_ids"]),
+            total_kwh_delivered_dc=r["dc"],
+            total_kwh_consumed_ac=r["ac"],
+            efficiency_ratio=r["ratio"],
+            status=r["status"],
+        )
+        for r in page
+    ]
+    return _ok(FleetEfficiency(from_=start, to=to, vehicles=vehicles, next_cursor=next_cursor))
 
 
-async def _assignment_body(request: web.Request) -> tuple[str, datetime]:
-    body: Any = await read_json(request, _deps(request).settings.api_max_body_bytes)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "body must be a JSON object")
-    unknown = sorted(set(body) - {"meterId", "from"})
-    if unknown:
-        raise ApiError(400, "invalid_body", f"unknown fields: {', '.join(unknown)}")
-    meter_id = _parse_id(body.get("meterId"), "invalid_meter_id", "meterId")
-    start = _parse_instant(body.get("from"), "invalid_from", "from", from_query=False)
-    return meter_id, start
-
-
-async def put_assignment(request: web.Request) -> web.Response:
+async def put_assignment(
+    request: web.Request, path: VehiclePath, body: AssignmentRequest
+) -> web.Response:
     """Close the open assignment at `from` and open [from, NULL), in one transaction."""
-    vehicle_id = _parse_id(request.match_info["vehicleId"], "invalid_vehicle_id", "vehicleId")
-    meter_id, start = await _assignment_body(request)
-    body = {"vehicleId": vehicle_id, "meterId": meter_id, "from": _iso(start), "to": None}
+    vehicle_id, meter_id, start = path.vehicle_id, body.meter_id, body.from_.astimezone(UTC)
+    answer = Assignment(vehicle_id=vehicle_id, meter_id=meter_id, from_=start)
     conflict = ApiError(
         409, "assignment_conflict", "the vehicle already has a meter from that time on"
     )
@@ -272,7 +221,7 @@ async def put_assignment(request: web.Request) -> web.Response:
             current = await conn.fetchrow(sql.OPEN_ASSIGNMENT, vehicle_id)
             if current is not None:
                 if current["meter_id"] == meter_id and current["valid_from"] == start:
-                    return web.json_response(body, status=200)  # a repeat: nothing to change
+                    return _ok(answer)  # a repeat: nothing to change
                 if current["valid_from"] >= start:
                     raise conflict
                 await conn.execute(sql.CLOSE_ASSIGNMENT, vehicle_id, current["valid_from"], start)
@@ -287,58 +236,127 @@ async def put_assignment(request: web.Request) -> web.Response:
             "read_only",
             "the API's database role may not write: meter assignments are read-only here",
         ) from None
-    return web.json_response(body, status=201)
+    return _ok(answer, status=201)
 
 
-async def get_assignments(request: web.Request) -> web.Response:
-    vehicle_id = _parse_id(request.match_info["vehicleId"], "invalid_vehicle_id", "vehicleId")
-    rows = await _deps(request).require_pool().fetch(sql.ASSIGNMENTS, vehicle_id)
-    assignments = [
-        {"meterId": r["meter_id"], "from": _iso(r["valid_from"]), "to": _iso(r["valid_to"])}
+async def get_assignments(request: web.Request, path: VehiclePath) -> web.Response:
+    rows = await _deps(request).require_pool().fetch(sql.ASSIGNMENTS, path.vehicle_id)
+    spans = [
+        AssignmentSpan(meter_id=r["meter_id"], from_=r["valid_from"], to=r["valid_to"])
         for r in rows
     ]
-    return web.json_response({"vehicleId": vehicle_id, "assignments": assignments})
+    return _ok(Assignments(vehicle_id=path.vehicle_id, assignments=spans))
 
 
-async def vehicle_live(request: web.Request) -> web.Response:
-    vehicle_id = _parse_id(request.match_info["vehicleId"], "invalid_vehicle_id", "vehicleId")
-    row = await _deps(request).require_pool().fetchrow(sql.VEHICLE_LIVE, vehicle_id)
-    if row is None:
-        raise ApiError(404, "vehicle_not_found", "no reading of this vehicle yet")
-    return web.json_response(
+@dataclass(frozen=True)
+class Live:
+    """What differs between the vehicle and the meter live endpoints."""
+
+    device: str  # "vehicle" or "meter"
+    statement: str
+    answer: type[VehicleLive] | type[MeterLive]
+
+    @property
+    def not_found(self) -> str:
+        return f"{self.device}_not_found"
+
+    async def __call__(self, request: web.Request, path: VehiclePath | MeterPath) -> web.Response:
+        row = await _deps(request).require_pool().fetchrow(self.statement, path.device_id)
+        if row is None:
+            raise ApiError(404, self.not_found, f"no reading of this {self.device} yet")
+        return _ok(self.answer.model_validate(dict(row)))
+
+
+def live_operation(live: Live, path: type[VehiclePath] | type[MeterPath]) -> Operation:
+    return Operation(
+        "GET",
+        f"/v1/{live.device}s/{{{live.device}Id}}/live",
+        f"{live.device}Live",
+        f"The {live.device}'s newest reading",
+        live,
         {
-            "vehicleId": vehicle_id,
-            "soc": _num(row["soc"]),
-            "kwhDeliveredDc": _num(row["kwh_delivered_dc"]),
-            "batteryTemp": _num(row["battery_temp"]),
-            "timestamp": _iso(row["timestamp"]),
-            "updatedAt": _iso(row["updated_at"]),
-        }
+            200: Answer("The newest reading and when it was stored.", live.answer),
+            404: Answer(f"{live.not_found}."),
+            503: _DB_UNAVAILABLE,
+        },
+        path_params=path,
     )
 
 
-async def meter_live(request: web.Request) -> web.Response:
-    meter_id = _parse_id(request.match_info["meterId"], "invalid_meter_id", "meterId")
-    row = await _deps(request).require_pool().fetchrow(sql.METER_LIVE, meter_id)
-    if row is None:
-        raise ApiError(404, "meter_not_found", "no reading of this meter yet")
-    return web.json_response(
+_DB_UNAVAILABLE = Answer(
+    "not_ready: the database is not connected yet; database_unavailable: it stopped "
+    "answering (restart, outage); query_timeout: the query ran past "
+    "FLEET_API_STATEMENT_TIMEOUT_MS; retry after Retry-After seconds."
+)
+
+OPERATIONS = [
+    Operation(
+        "GET",
+        "/v1/analytics/performance/{vehicleId}",
+        "vehiclePerformance",
+        "A vehicle's charging efficiency over a window (default: the last 24 h)",
+        performance,
         {
-            "meterId": meter_id,
-            "kwhConsumedAc": _num(row["kwh_consumed_ac"]),
-            "voltage": _num(row["voltage"]),
-            "timestamp": _iso(row["timestamp"]),
-            "updatedAt": _iso(row["updated_at"]),
-        }
-    )
+            200: Answer("The vehicle's energy, efficiency and status.", Performance),
+            404: Answer("vehicle_not_found: no readings of the vehicle in the window."),
+            503: _DB_UNAVAILABLE,
+        },
+        path_params=VehiclePath,
+        query=PerformanceQuery,
+        refusals=WINDOW_REFUSALS,
+    ),
+    Operation(
+        "GET",
+        "/v1/analytics/fleet/efficiency",
+        "fleetEfficiency",
+        "Every vehicle's efficiency over a window, worst first, paginated",
+        fleet_efficiency,
+        {
+            200: Answer("One page of vehicles, worst first.", FleetEfficiency),
+            503: Answer(
+                _DB_UNAVAILABLE.description.rstrip(".")
+                + "; overloaded: FLEET_API_MAX_CONCURRENT_REPORTS "
+                "reports are running (Retry-After: 1)."
+            ),
+        },
+        query=FleetQuery,
+        refusals=(*WINDOW_REFUSALS, "invalid_cursor (belongs to a different window)"),
+    ),
+    Operation(
+        "PUT",
+        "/v1/vehicles/{vehicleId}/meter",
+        "assignMeter",
+        "Assign a meter to the vehicle from a time on (closing the previous one)",
+        put_assignment,
+        {
+            200: Answer("The same assignment already existed.", Assignment),
+            201: Answer("The assignment was created.", Assignment),
+            403: Answer(
+                "read_only: the API's database role may not write (a read-only login or "
+                "a replica); nothing was changed."
+            ),
+            409: Answer("assignment_conflict: it contradicts a later assignment."),
+            503: _DB_UNAVAILABLE,
+        },
+        path_params=VehiclePath,
+        body=AssignmentRequest,
+    ),
+    Operation(
+        "GET",
+        "/v1/vehicles/{vehicleId}/meter",
+        "vehicleMeters",
+        "The vehicle's meter assignments, oldest first",
+        get_assignments,
+        {
+            200: Answer("The assignments (empty when none).", Assignments),
+            503: _DB_UNAVAILABLE,
+        },
+        path_params=VehiclePath,
+    ),
+    live_operation(Live("vehicle", sql.VEHICLE_LIVE, VehicleLive), VehiclePath),
+    live_operation(Live("meter", sql.METER_LIVE, MeterLive), MeterPath),
+]
 
 
 def analytics_routes() -> list[web.RouteDef]:
-    return [
-        web.get("/v1/analytics/performance/{vehicleId}", performance),
-        web.get("/v1/analytics/fleet/efficiency", fleet_efficiency),
-        web.put("/v1/vehicles/{vehicleId}/meter", put_assignment),
-        web.get("/v1/vehicles/{vehicleId}/meter", get_assignments),
-        web.get("/v1/vehicles/{vehicleId}/live", vehicle_live),
-        web.get("/v1/meters/{meterId}/live", meter_live),
-    ]
+    return routes_of(OPERATIONS)

@@ -153,13 +153,13 @@ INSERT INTO vehicle_meter_assignments (vehicle_id, meter_id, valid_from) VALUES 
 """
 
 VEHICLE_LIVE = """
-SELECT soc, kwh_delivered_dc, battery_temp, "timestamp", updated_at
+SELECT vehicle_id, soc, kwh_delivered_dc, battery_temp, "timestamp", updated_at
   FROM vehicle_live
  WHERE vehicle_id = $1
 """
 
 METER_LIVE = """
-SELECT kwh_consumed_ac, voltage, "timestamp", updated_at
+SELECT meter_id, kwh_consumed_ac, voltage, "timestamp", updated_at
   FROM meter_live
  WHERE meter_id = $1
 """

@@ -22,8 +22,16 @@ from aiokafka.errors import KafkaError
 
 from consumer import metrics
 from consumer.api.body import read_json
+from consumer.api.contract import (
+    ErrorDetail,
+    IngestionAccepted,
+    IngestionError,
+    IngestionRequest,
+    RejectedItem,
+)
 from consumer.api.deps import DEPS
-from consumer.api.errors import ApiError, error_body
+from consumer.api.errors import ApiError
+from consumer.api.operation import Answer, Operation, routes_of
 from consumer.api.security import charge
 from consumer.decode import Limits, Reason, Rejection, validate_reading
 from consumer.models import MeterReading
@@ -37,7 +45,7 @@ READINGS_PER_UNIT = 100  # what one rate-limit unit buys
 
 
 def ingestion_routes() -> list[web.RouteDef]:
-    return [web.post(PATH, ingest_telemetry)]
+    return routes_of([OPERATION])
 
 
 async def ingest_telemetry(request: web.Request) -> web.Response:
@@ -56,13 +64,14 @@ async def ingest_telemetry(request: web.Request) -> web.Response:
     metrics.HTTP_INGEST_ITEMS.labels("rejected").inc(len(rejected))
     if not messages:
         message = "no valid reading in the body" if items else "the array is empty"
-        payload = error_body("no_valid_readings", message) | {"rejected": rejected}
-        return web.json_response(payload, status=400)
+        error = ErrorDetail(code="no_valid_readings", message=message)
+        return web.json_response(IngestionError(error=error, rejected=rejected).body(), status=400)
 
     await _produce(deps.require_producer(), messages)
     metrics.HTTP_INGEST_ITEMS.labels("accepted").inc(len(messages))
     log.info("telemetry_ingested", accepted=len(messages), rejected=len(rejected))
-    return web.json_response({"accepted": len(messages), "rejected": rejected}, status=202)
+    accepted = IngestionAccepted(accepted=len(messages), rejected=rejected)
+    return web.json_response(accepted.body(), status=202)
 
 
 def _items_of(value: Any) -> list[Any]:
@@ -77,12 +86,12 @@ def _items_of(value: Any) -> list[Any]:
 
 def _validate(
     items: list[Any], settings: Settings
-) -> tuple[list[tuple[str, bytes, bytes]], list[dict[str, Any]]]:
-    """(topic, key, value) per valid item, and {index, reason, detail} per rejected one."""
+) -> tuple[list[tuple[str, bytes, bytes]], list[RejectedItem]]:
+    """(topic, key, value) per valid item, and why each rejected one was refused."""
     now = datetime.now(UTC)
     limits = Limits.from_settings(settings)
     messages: list[tuple[str, bytes, bytes]] = []
-    rejected: list[dict[str, Any]] = []
+    rejected: list[RejectedItem] = []
     for index, item in enumerate(items):
         if isinstance(item, dict):
             result = validate_reading(item, None, now=now, limits=limits)
@@ -92,17 +101,14 @@ def _validate(
             )
         if isinstance(result, Rejection):
             rejected.append(
-                {"index": index, "reason": result.reason.value, "detail": result.detail}
+                RejectedItem(index=index, reason=result.reason.value, detail=result.detail)
             )
             continue
         value = json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
         if len(value) > limits.max_payload_bytes:  # the consumer would dead-letter it
+            detail = f"{len(value)} bytes exceeds the limit of {limits.max_payload_bytes}"
             rejected.append(
-                {
-                    "index": index,
-                    "reason": Reason.PAYLOAD_TOO_LARGE.value,
-                    "detail": f"{len(value)} bytes exceeds the limit of {limits.max_payload_bytes}",
-                }
+                RejectedItem(index=index, reason=Reason.PAYLOAD_TOO_LARGE.value, detail=detail)
             )
             continue
         topic = settings.meter_topic if isinstance(result, MeterReading) else settings.vehicle_topic
@@ -132,3 +138,28 @@ async def _produce(producer: AIOKafkaProducer, messages: list[tuple[str, bytes, 
 def _retrieve_exception(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()  # marks it retrieved: the caller already got a 503
+
+
+OPERATION = Operation(
+    "POST",
+    PATH,
+    "ingestTelemetry",
+    "Validate readings like the consumer does and produce the valid ones to Kafka",
+    ingest_telemetry,
+    {
+        202: Answer(
+            "The broker acknowledged every accepted reading; rejected ones are listed by index.",
+            IngestionAccepted,
+        ),
+        400: Answer(
+            "malformed_json (not JSON, not UTF-8, duplicate keys, NaN/Infinity), invalid_body "
+            "(neither an object nor an array), no_valid_readings (with the rejected list).",
+            IngestionError,
+        ),
+        413: Answer("payload_too_large (body over the byte limit), too_many_items."),
+        415: Answer("unsupported_media_type: Content-Type must be application/json."),
+        503: Answer("broker_unavailable: nothing was acknowledged in time; retry."),
+    },
+    body=IngestionRequest,
+    validate_body=False,  # item by item, by the consumer's own decoder
+)

@@ -193,9 +193,14 @@ def bearer_auth(settings: Settings) -> Middleware:
 
 
 def required_scope(request: web.Request) -> Scope:
-    if request.path.startswith("/v1/ingestion/"):
+    return scope_of(request.method, request.path)
+
+
+def scope_of(method: str, path: str) -> Scope:
+    """The scope a route needs (the OpenAPI document quotes the same rule)."""
+    if path.startswith("/v1/ingestion/"):
         return Scope.INGEST
-    if request.method in ("GET", "HEAD", "OPTIONS"):
+    if method in ("GET", "HEAD", "OPTIONS"):
         return Scope.READ
     return Scope.ADMIN
 

@@ -18,7 +18,7 @@ from consumer.settings import Settings
 from scripts.chaos import PARTITIONS
 
 if TYPE_CHECKING:
-    from scripts.chaos.harness import Group, Run
+    from scripts.chaos.runs import Group, Run
 
 
 @dataclass

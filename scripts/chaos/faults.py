@@ -15,7 +15,7 @@ from scripts.chaos import log
 from scripts.chaos.checks import Tally
 
 if TYPE_CHECKING:
-    from scripts.chaos.harness import Group
+    from scripts.chaos.runs import Group
 
 
 async def kill_loop(group: Group, tally: Tally, stop: asyncio.Event) -> None:

@@ -1,0 +1,369 @@
+"""The HTTP API's contract as pydantic models: what each endpoint takes and answers.
+
+Requests (path, query, body) are validated with these models and responses are
+serialised from them; consumer.api.openapi turns the same models into the OpenAPI
+document, so the three cannot drift apart. Fields are snake_case in Python and
+camelCase on the wire. A field that can be refused carries an `Invalid` marker:
+the stable error code and message a client gets when it is wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    RootModel,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic.alias_generators import to_camel
+
+from consumer.api.errors import ApiError
+from consumer.models import DeviceId, Reading, Timestamp
+
+# The examples name one vehicle and its charger's meter throughout the document.
+EXAMPLE_VEHICLE = "ev-0001"
+EXAMPLE_METER = "meter-0001"
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """Field metadata: the 400 a client gets when this field is missing or wrong."""
+
+    code: str
+    message: str
+
+
+def invalid_id(name: str) -> Invalid:
+    return Invalid(
+        f"invalid_{re.sub(r'(?<!^)(?=[A-Z])', '_', name).lower()}",
+        f"{name} must be 1-128 visible characters (letters, digits, punctuation, symbols; "
+        "spaces only between them)",
+    )
+
+
+def invalid_instant(name: str) -> Invalid:
+    return Invalid(
+        f"invalid_{name}",
+        f"{name} must be an ISO-8601 timestamp with an offset, e.g. 2026-01-31T10:00:00Z",
+    )
+
+
+INVALID_BODY = "invalid_body"
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def parse(model: type[Model], data: Any) -> Model:
+    """Validate data into model, or the ApiError(400) its first wrong field names.
+
+    An unknown field or a body that is not an object is invalid_body; otherwise the
+    fields are checked in the order the model declares them.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+        if unknown:
+            raise ApiError(400, INVALID_BODY, f"unknown fields: {', '.join(unknown)}") from None
+        for error in errors:
+            marker = _marker(model, error["loc"])
+            if marker is not None:
+                raise ApiError(400, marker.code, marker.message) from None
+        raise ApiError(400, INVALID_BODY, "body must be a JSON object") from None
+
+
+def _marker(model: type[BaseModel], loc: tuple[int | str, ...]) -> Invalid | None:
+    if not loc:
+        return None
+    for name, field in model.model_fields.items():
+        if loc[0] in (name, field.alias):
+            return next((m for m in field.metadata if isinstance(m, Invalid)), None)
+    return None
+
+
+def invalid_markers(model: type[BaseModel]) -> list[Invalid]:
+    """Every Invalid a model can raise, in field order (for the document's 400s)."""
+    found = [m for f in model.model_fields.values() for m in f.metadata if isinstance(m, Invalid)]
+    return list(dict.fromkeys(found))
+
+
+def _utc_iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+# An instant as the API answers it: ISO-8601 in UTC, "+00:00".
+UtcInstant = Annotated[
+    AwareDatetime,
+    PlainSerializer(_utc_iso, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+# An unencoded "+" in a query string arrives as a space: "...10:00:00 01:00".
+_SPACED_OFFSET = re.compile(r"(?<=\d) (\d{2}(?::?\d{2})?)$")
+
+
+def _restore_plus(value: object) -> object:
+    return _SPACED_OFFSET.sub(r"+\1", value) if isinstance(value, str) else value
+
+
+QueryInstant = Annotated[Timestamp, BeforeValidator(_restore_plus)]
+
+
+def _wire_name(name: str) -> str:
+    """snake_case -> camelCase; a trailing "_" (from_, a Python keyword) is dropped."""
+    return to_camel(name.rstrip("_"))
+
+
+def _digits_only(value: object) -> object:
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("not a decimal integer")
+    return value
+
+
+PageSize = Annotated[int, BeforeValidator(_digits_only), Field(ge=1, le=1000)]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=_wire_name,
+        validate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        # An answer always carries every field, null or not: the document says so.
+        json_schema_serialization_defaults_required=True,
+    )
+
+    def body(self) -> dict[str, Any]:
+        """The body to send: camelCase, instants in UTC, nulls kept."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class QueryModel(ApiModel):
+    # A query string may carry what a proxy or a cache-buster adds: unknown names are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class EfficiencyStatus(enum.StrEnum):
+    """Where a charging efficiency ratio falls (thresholds: consumer.settings)."""
+
+    NORMAL = "normal"
+    FAULT = "fault"
+    ANOMALOUS = "anomalous"
+    INSUFFICIENT_DATA = "insufficient_data"
+    UNLINKED = "unlinked"
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+class VehiclePath(ApiModel):
+    vehicle_id: Annotated[DeviceId, invalid_id("vehicleId")] = Field(
+        description="The vehicle's id.", examples=[EXAMPLE_VEHICLE]
+    )
+
+    @property
+    def device_id(self) -> str:
+        return self.vehicle_id
+
+
+class MeterPath(ApiModel):
+    meter_id: Annotated[DeviceId, invalid_id("meterId")] = Field(
+        description="The meter's id.", examples=[EXAMPLE_METER]
+    )
+
+    @property
+    def device_id(self) -> str:
+        return self.meter_id
+
+
+class WindowQuery(QueryModel):
+    """[from, to): the handler fills a missing `to` with now, a missing `from` with the default span."""
+
+    to: Annotated[QueryInstant | None, invalid_instant("to")] = Field(
+        default=None, description="Window end, ISO-8601 with offset (default: now)."
+    )
+    from_: Annotated[QueryInstant | None, invalid_instant("from")] = Field(
+        default=None,
+        description="Window start, ISO-8601 with offset (default: `to` minus the default window).",
+    )
+
+
+class PerformanceQuery(WindowQuery):
+    meter_id: Annotated[DeviceId | None, invalid_id("meterId")] = Field(
+        default=None, description="The charger's meter (default: the assignment table)."
+    )
+
+
+class FleetQuery(WindowQuery):
+    status: Annotated[
+        EfficiencyStatus | None,
+        Invalid("invalid_status", f"status must be one of {', '.join(EfficiencyStatus)}"),
+    ] = Field(default=None, description="Only vehicles with this status.")
+    limit: Annotated[
+        PageSize | None, Invalid("invalid_limit", "limit must be an integer from 1 to 1000")
+    ] = Field(default=None, description="Page size (default: FLEET_REPORT_PAGE_SIZE).")
+    cursor: Annotated[
+        str | None, Invalid("invalid_cursor", "cursor is not one this API returned")
+    ] = Field(default=None, description="nextCursor of the previous page; it pins the window.")
+
+
+class AssignmentRequest(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"meterId": EXAMPLE_METER, "from": "2026-01-01T00:00:00Z"}]}
+    )
+
+    meter_id: Annotated[DeviceId, invalid_id("meterId")]
+    from_: Annotated[Timestamp, invalid_instant("from")] = Field()
+
+
+class IngestionRequest(RootModel[Reading | list[Reading]]):
+    """Documents the body only: each item is validated on its own by the consumer's decoder."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "description": "One reading, or an array of them (at most FLEET_INGEST_MAX_ITEMS). "
+            "Each item is validated on its own: invalid items are reported back by index, "
+            "not produced.",
+            "examples": [
+                [
+                    {
+                        "meterId": EXAMPLE_METER,
+                        "kwhConsumedAc": 1.25,
+                        "voltage": 229.8,
+                        "timestamp": "2026-01-01T12:00:00Z",
+                    },
+                    {
+                        "vehicleId": EXAMPLE_VEHICLE,
+                        "soc": 61.5,
+                        "kwhDeliveredDc": 1.12,
+                        "batteryTemp": 27.0,
+                        "timestamp": "2026-01-01T12:00:00Z",
+                    },
+                ]
+            ],
+        }
+    )
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+class ErrorDetail(ApiModel):
+    code: str
+    message: str
+
+
+class Error(ApiModel):
+    error: ErrorDetail
+
+
+class RejectedItem(ApiModel):
+    index: int = Field(ge=0)
+    reason: str = Field(description="The consumer's reason, e.g. out_of_range.")
+    detail: str
+
+
+class IngestionAccepted(ApiModel):
+    accepted: int = Field(ge=1)
+    rejected: list[RejectedItem]
+
+
+class IngestionError(ApiModel):
+    """An Error, with the rejected items when the body held readings but no valid one."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=False)
+
+    error: ErrorDetail
+    rejected: list[RejectedItem] | None = None
+
+
+class Performance(ApiModel):
+    vehicle_id: str
+    from_: UtcInstant = Field()
+    to: UtcInstant
+    meter_ids: list[str]
+    total_kwh_delivered_dc: float
+    total_kwh_consumed_ac: float | None
+    avg_battery_temp: float | None
+    efficiency_ratio: float | None
+    status: EfficiencyStatus
+    vehicle_readings: int = Field(ge=0)
+    meter_readings: int = Field(ge=0)
+
+
+class FleetVehicle(ApiModel):
+    vehicle_id: str
+    meter_ids: list[str]
+    total_kwh_delivered_dc: float
+    total_kwh_consumed_ac: float | None
+    efficiency_ratio: float | None
+    status: EfficiencyStatus
+
+
+class FleetEfficiency(ApiModel):
+    from_: UtcInstant = Field()
+    to: UtcInstant
+    vehicles: list[FleetVehicle]
+    next_cursor: str | None
+
+
+class Assignment(ApiModel):
+    vehicle_id: str
+    meter_id: str
+    from_: UtcInstant = Field()
+    to: None = None  # a new assignment is open-ended
+
+
+class AssignmentSpan(ApiModel):
+    meter_id: str
+    from_: UtcInstant = Field()
+    to: UtcInstant | None
+
+
+class Assignments(ApiModel):
+    vehicle_id: str
+    assignments: list[AssignmentSpan]
+
+
+class Stored(ApiModel):
+    timestamp: UtcInstant
+    updated_at: UtcInstant = Field(description="When the consumer stored it.")
+
+
+class VehicleLive(Stored):
+    vehicle_id: str
+    soc: float
+    kwh_delivered_dc: float
+    battery_temp: float
+
+
+class MeterLive(Stored):
+    meter_id: str
+    kwh_consumed_ac: float
+    voltage: float
+
+
+# The operations endpoints (consumer.api.app), documented with the rest.
+class Health(ApiModel):
+    status: Literal["ok"]
+
+
+class Ready(ApiModel):
+    status: Literal["ready"]
+    checks: dict[str, str]
+
+
+class NotReady(ApiModel):
+    error: ErrorDetail
+    checks: dict[str, str]
