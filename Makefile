@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test-deps demo test lint bench chaos up down clean
+.PHONY: help install test-deps demo test lint bench chaos proof up down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ bench: $(STAMP) ## ingest, freshness and API benchmarks (print numbers; see BENC
 chaos: $(STAMP) ## soak with kill -9, PostgreSQL crashes and outages, broker restart (~8 min; RELIABILITY.md)
 	$(BIN)/python -m scripts.chaos
 
+proof: $(STAMP) ## sessions and alerts of a faulty simulated fleet against its truth file (kill -9 included)
+	$(BIN)/python -m scripts.sessions_proof
+
 up: ## run the stack with docker compose (needs a Docker engine)
 	docker compose up -d
 
@@ -47,4 +50,4 @@ down: ## stop the docker compose stack
 	docker compose down
 
 clean: ## remove the virtualenv and local state
-	rm -rf $(VENV) .demo .bench .chaos .pytest-artifacts .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo .bench .chaos .proof .pytest-artifacts .mypy_cache .ruff_cache .hypothesis

@@ -49,10 +49,18 @@ def dead_letter(msg: Message, rejection: Rejection) -> DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class OffsetRange:
-    """Offsets of one partition in the batch; ``next`` is what gets stored."""
+    """Offsets of one partition in the batch; ``next`` is what gets stored. ``newest`` is
+    the newest event time among its readings: the partition's progress in event time,
+    from which the sessions worker takes its watermark."""
 
     first: int
     next: int
+    newest: datetime | None = None
+
+    def then(self, later: OffsetRange) -> OffsetRange:
+        """This range followed by a later one of the same partition."""
+        newest = max((t for t in (self.newest, later.newest) if t is not None), default=None)
+        return OffsetRange(self.first, later.next, newest)
 
 
 @dataclass(slots=True)
@@ -80,7 +88,7 @@ class Batch:
         self.dead_letters.extend(other.dead_letters)
         for tp, span in other.offsets.items():
             held = self.offsets.get(tp)
-            self.offsets[tp] = span if held is None else OffsetRange(held.first, span.next)
+            self.offsets[tp] = span if held is None else held.then(span)
 
     @classmethod
     def merged(cls, batches: Iterable[Batch]) -> Batch:
@@ -126,5 +134,6 @@ def decode_partition(
         offsets = [msg.offset for msg in records]
         head = records[0]
         tp = TopicPartition(head.topic, head.partition)
-        chunk.offsets[tp] = OffsetRange(min(offsets), max(offsets) + 1)
+        newest = max((r.timestamp for rs in readings.values() for r in rs), default=None)
+        chunk.offsets[tp] = OffsetRange(min(offsets), max(offsets) + 1, newest)
     return chunk

@@ -106,3 +106,25 @@ HTTP_INGEST_ITEMS = Counter(
     "or rejected (failed validation, reported back to the caller).",
     ["outcome"],
 )
+
+SESSIONS_CLOSED = Counter(
+    "fleet_sessions_closed_total", "Charging sessions closed by the watermark"
+)
+SESSIONS_WATERMARK = Gauge(
+    "fleet_sessions_watermark_timestamp_seconds",
+    "The sessions worker's watermark (event time): sessionizer lag = now - this",
+)
+SESSIONS_CYCLE_SECONDS = Histogram(
+    "fleet_sessions_cycle_seconds", "One sessions-worker cycle (marks, sessions, alerts)"
+)
+SESSIONS_ERRORS = Counter("fleet_sessions_errors_total", "Sessions-worker cycles that failed")
+ALERTS_OPEN = Gauge("fleet_alerts_open", "Unresolved alerts (open or acknowledged)", ["kind"])
+ALERT_TRANSITIONS = Counter(
+    "fleet_alert_transitions_total", "Alert transitions recorded", ["kind", "state"]
+)
+ALERTS_PUBLISHED = Counter(
+    "fleet_alerts_published_total", "Alert transitions sent to the alerts topic"
+)
+ALERT_PUBLISH_ERRORS = Counter(
+    "fleet_alert_publish_errors_total", "Failed attempts to publish alert transitions"
+)

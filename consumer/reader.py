@@ -179,7 +179,8 @@ class Reader:
             chunk = decode_partition(
                 records, self.stream_of_topic[tp.topic], now=now, limits=self.limits
             )
-            chunk.offsets[tp] = OffsetRange(position, records[-1].offset + 1)
+            newest = chunk.offsets[tp].newest
+            chunk.offsets[tp] = OffsetRange(position, records[-1].offset + 1, newest)
             self.lanes.of(tp).stage(tp, claim, chunk, started=started)
             self.book.read_to(tp, records[-1].offset + 1)
             staged = True

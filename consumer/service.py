@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
 
 from consumer import metrics
+from consumer.alerts import AlertPublisher
 from consumer.api.app import make_app, make_metrics_app
 from consumer.api.deps import ApiDeps
 from consumer.api.replica import ReplicaLag, as_of_header
@@ -28,6 +29,7 @@ from consumer.kafka import RebalanceListener, make_consumer, make_producer, memb
 from consumer.maintenance import HistoryMaintenance
 from consumer.partitions import PartitionBook
 from consumer.pipeline import Pipeline
+from consumer.sessions import SessionWorker
 from consumer.settings import Settings
 from consumer.store import Store
 
@@ -75,6 +77,7 @@ class Role(enum.StrEnum):
     ALL = "all"
     INGEST = "ingest"  # the consumer group, with health and metrics only
     API = "api"  # the HTTP API (analytics, assignments, ingestion), no consumer group
+    SESSIONS = "sessions"  # charging sessions and alerts from history, and the alerts' outbox
 
 
 class Service:
@@ -99,6 +102,8 @@ class Service:
         self.role = role
         self.consumes = role in (Role.ALL, Role.INGEST)
         self.serves_api = role in (Role.ALL, Role.API)
+        self.sessionizes = role in (Role.ALL, Role.SESSIONS)
+        self.sessions_pool: asyncpg.Pool | None = None
         self.deps = ApiDeps(settings)
         self.stopping = asyncio.Event()
         self.store: Store | None = None
@@ -133,8 +138,14 @@ class Service:
             await self._connect_in_background(stack, "api database", self._open_api_pool)
             lag = asyncio.create_task(self.replica_lag.watch())
             stack.push_async_callback(_cancelled, lag)
+        if self.sessionizes:
+            pool = await self._connect_in_background(
+                stack, "sessions database", self._open_sessions_pool
+            )
+            worker = asyncio.create_task(self._run_sessions(pool, producer))
+            stack.push_async_callback(_cancelled, worker)
         if not self.consumes:
-            log.info("api_started", role=self.role.value)
+            log.info("started", role=self.role.value)
             return True
 
         self.store = await _until_up(
@@ -204,7 +215,7 @@ class Service:
             return
         await stack.aclose()
         self.deps.pool = self.deps.producer = None
-        self.store = self.api_pool = self.producer = self.consumer = None
+        self.store = self.api_pool = self.sessions_pool = self.producer = self.consumer = None
         log.info("stopped")
 
     def install_signal_handlers(self) -> None:
@@ -223,6 +234,8 @@ class Service:
         checks = {}
         if self.consumes:
             checks["database"] = self._check_store
+        if self.sessionizes:
+            checks["sessions_database"] = self._check_sessions_database
         if self.serves_api:
             checks["api_database" if self.consumes else "database"] = self._check_api_database
             self._warn_about_auth()
@@ -301,6 +314,33 @@ class Service:
         self.producer = self.deps.producer = producer
         return producer
 
+    async def _open_sessions_pool(self) -> asyncpg.Pool:
+        s = self.settings
+        pool = await asyncpg.create_pool(
+            s.database_url.get_secret_value(),
+            min_size=1,
+            max_size=2,  # the worker's cycle and the alerts' publisher
+            timeout=s.db_command_timeout_seconds,
+            command_timeout=s.db_command_timeout_seconds,
+            server_settings={"application_name": f"fleet-sessions {member_name()}"[:63]},
+        )
+        assert self._stack is not None  # noqa: S101 -- set while starting
+        self._stack.push_async_callback(_close_pool, pool)
+        self.sessions_pool = pool
+        return pool
+
+    async def _run_sessions(self, pool: asyncio.Task[Any], producer: asyncio.Task[Any]) -> None:
+        """The sessions worker once its pool is up; the alerts' publisher once the broker is."""
+        await asyncio.wait({pool})
+        if self.sessions_pool is None:
+            return  # stopping
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(SessionWorker(self.sessions_pool, self.settings).run())
+            await asyncio.wait({producer})
+            if self.producer is not None:
+                publisher = AlertPublisher(self.sessions_pool, self.producer, self.settings)
+                tasks.create_task(publisher.run())
+
     def _start_consumer(
         self, stack: contextlib.AsyncExitStack
     ) -> Callable[[], Awaitable[AIOKafkaConsumer]]:
@@ -339,6 +379,11 @@ class Service:
             raise ConnectionError("not connected")
         await self.store.ping()
 
+    async def _check_sessions_database(self) -> None:
+        if self.sessions_pool is None:
+            raise ConnectionError("not connected")
+        await self.sessions_pool.fetchval("SELECT 1")
+
     async def _check_api_database(self) -> None:
         """Reachable, and (a replica) not too far behind."""
         if self.api_pool is None:
@@ -355,7 +400,11 @@ class Service:
             raise ConnectionError(str(exc)) from exc
 
     def _report_pools(self) -> None:
-        pools = {"store": self.store.pool if self.store else None, "api": self.api_pool}
+        pools = {
+            "store": self.store.pool if self.store else None,
+            "api": self.api_pool,
+            "sessions": self.sessions_pool,
+        }
         for name, pool in pools.items():
             if pool is None:
                 continue

@@ -126,6 +126,25 @@ class Settings(BaseSettings):
     # How often partitions are prepared and retention applied (also the retry interval).
     maintenance_interval_seconds: float = Field(default=3600.0, ge=1)
 
+    # --- charging sessions and alerts (the sessions role; `all` includes it) ---
+    # A session ends when no delivering reading arrives for this long (event time).
+    session_gap_minutes: float = Field(default=10.0, gt=0)
+    # How long the watermark waits for late readings before it closes a session.
+    session_lateness_minutes: float = Field(default=2.0, ge=0)
+    sessions_interval_seconds: float = Field(default=1.0, gt=0)
+    sessions_max_devices_per_cycle: int = Field(default=5000, ge=1)
+    # charger_efficiency_low / meter_overreporting: the average of a meter's last N closed
+    # sessions against the efficiency thresholds, resolved only past this margin.
+    alert_sessions: int = Field(default=3, ge=1)
+    alert_efficiency_margin: float = Field(default=0.02, ge=0)
+    overheat_c: float = Field(default=55.0)
+    overheat_readings: int = Field(default=2, ge=1)
+    overheat_resolve_c: float = Field(default=50.0)
+    silent_after_minutes: float = Field(default=15.0, gt=0)
+    silent_active_hours: float = Field(default=24.0, gt=0)
+    alerts_topic: str = "fleet-alerts"
+    alerts_publish_interval_seconds: float = Field(default=0.5, gt=0)
+
     # HTTP (metrics, health; the analytics API joins it).
     http_host: str = "0.0.0.0"  # noqa: S104 -- a service port, bound on purpose
     http_port: int = Field(default=8080, ge=0, le=65535)

@@ -77,8 +77,8 @@ SELECT count(*) = cardinality($2::text[]) FROM consumer_offsets o
    AND o.next_offset = b.next AND o.fence = b.fence
 """
 
-_WRITE_SQL = "SELECT * FROM fleet_write_batch(" + ", ".join(f"${i}" for i in range(1, 23)) + ")"
-_NO_OFFSETS: tuple[list[Any], ...] = ([], [], [], [], [])
+_WRITE_SQL = "SELECT * FROM fleet_write_batch(" + ", ".join(f"${i}" for i in range(1, 24)) + ")"
+_NO_OFFSETS: tuple[list[Any], ...] = ([], [], [], [], [], [])
 
 
 def _meter_columns(meters: Sequence[MeterReading]) -> tuple[list[Any], ...]:
@@ -276,7 +276,7 @@ class Store:
     async def _committed_earlier(
         self, conn: asyncpg.Connection, offsets: tuple[list[Any], ...]
     ) -> bool:
-        topics, partitions, _, nexts, fences = offsets
+        topics, partitions, _first, nexts, fences, _newest = offsets
         committed: bool = await conn.fetchval(
             _COMMITTED_SQL, self.group_id, topics, partitions, nexts, fences
         )
@@ -344,6 +344,7 @@ class Store:
             [offsets[tp].first for tp in ordered],
             [offsets[tp].next for tp in ordered],
             [claims[tp].fence for tp in ordered],
+            [offsets[tp].newest for tp in ordered],
         )
 
 

@@ -314,6 +314,18 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="their clock offset; keep it within the consumer's limit (default: %(default)s)",
     )
+    faults.add_argument(
+        "--overheating-batteries",
+        type=_share,
+        default=0.0,
+        help="share of vehicles whose pack reports 60 degC and more for a few rounds",
+    )
+    faults.add_argument(
+        "--silent-devices",
+        type=_share,
+        default=0.0,
+        help="share of devices that stop sending, each at a round in the run's second half",
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument("--truth", type=Path, metavar="FILE", help="write what was injected as JSON")
     out.add_argument(
@@ -339,8 +351,17 @@ def _faults(args: argparse.Namespace) -> Faults | None:
         late_rounds=args.late_rounds,
         skewed_devices=args.skewed_devices,
         skew=timedelta(seconds=args.skew_seconds),
+        overheating_batteries=args.overheating_batteries,
+        silent_devices=args.silent_devices,
     )
-    rates = (args.failing_chargers, args.bad_messages, args.duplicates, args.late)
+    rates = (
+        args.failing_chargers,
+        args.bad_messages,
+        args.duplicates,
+        args.late,
+        args.overheating_batteries,
+        args.silent_devices,
+    )
     if not any((*rates, args.skewed_devices)) and args.truth is None:
         return None
     return faults

@@ -13,7 +13,14 @@ every effect is recorded in a ``Truth``, so the platform's answers can be checke
 - late readings: a reading held back and sent after the next ``late_rounds`` rounds;
 - clock-skewed devices: a share of devices stamps every reading ``skew`` off the
   true time (keep it within the consumer's clock-skew limit); readings beyond that
-  limit are the ``timestamp_in_future`` bad-message class.
+  limit are the ``timestamp_in_future`` bad-message class;
+- overheating batteries: a share of vehicles reports ``OVERHEAT_C`` and more for
+  ``overheat_rounds`` rounds from a round of its own, then its true temperature again;
+- silent devices: a share of devices (meters and vehicles) stops sending at a round of
+  its own in the second half of the run, for good.
+
+The truth also holds every charging session as the fleet lived it (a vehicle's run of
+rounds with DC delivered), with its charger's true efficiency at the time.
 
 Deterministic: the same fleet, run arguments, faults and ``now`` give the same
 messages and the same truth.
@@ -33,6 +40,7 @@ from consumer.decode import Reason
 from producer_sim.fleet import FAILING_EFFICIENCY, Fleet, Reading, encode
 
 _LATE_ROUNDS_MAX = 1000
+OVERHEAT_C = 60.0  # what an overheating pack reports, plus a little noise
 _DUPLICATE_DELAY_ROUNDS = (1, 3)
 
 
@@ -58,9 +66,13 @@ class Faults:
     skewed_devices: float = 0.0  # share of devices with a skewed clock
     skew: timedelta = timedelta(seconds=30)
     future_by: timedelta = timedelta(days=1)  # how far past "now" a future timestamp is
+    overheating_batteries: float = 0.0  # share of vehicles
+    overheat_rounds: int = 5
+    silent_devices: float = 0.0  # share of devices
 
     def __post_init__(self) -> None:
-        for name in ("failing_chargers", "bad_messages", "duplicates", "late", "skewed_devices"):
+        shares = ("failing_chargers", "bad_messages", "duplicates", "late", "skewed_devices")
+        for name in (*shares, "overheating_batteries", "silent_devices"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:  # also rejects NaN
                 raise ValueError(f"{name} must be a share between 0 and 1, not {value}")
@@ -72,6 +84,8 @@ class Faults:
             raise ValueError("fail_from must not be negative")
         if self.future_by <= timedelta(0):
             raise ValueError("future_by must be positive")
+        if self.overheat_rounds < 1:
+            raise ValueError("overheat_rounds must be at least 1")
 
 
 @dataclass(slots=True)
@@ -91,6 +105,10 @@ class Truth:
     late_readings: int = 0
     readings: int = 0  # valid readings, each one (device, timestamp)
     messages: int = 0  # everything sent: readings, duplicates and bad messages
+    overheated: dict[str, list[str]] = field(default_factory=dict)  # vehicle -> [from, to)
+    silent: dict[str, str] = field(default_factory=dict)  # device -> its last reading
+    # {vehicleId, meterId, startedAt, endedAt, kwhDeliveredDc, efficiency}, by end
+    sessions: list[dict[str, str | float]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -262,6 +280,26 @@ class FaultyRun:
         truth.faulty_vehicles = {v: failed_at for v, m in fleet.charger.items() if m in failing_set}
         truth.skewed_devices = dict.fromkeys(skewed, faults.skew.total_seconds())
 
+        vehicles = fleet.vehicle_ids
+        hot = sorted(rng.sample(vehicles, round(faults.overheating_batteries * len(vehicles))))
+        span = max(1, rounds - faults.overheat_rounds)
+        self.overheat = {v: rng.randrange(span) for v in hot}  # first hot round
+        for v, k in self.overheat.items():
+            until = min(rounds, k + faults.overheat_rounds)
+            truth.overheated[v] = [
+                (start + k * interval).isoformat(),
+                (start + until * interval).isoformat(),
+            ]
+        quiet = sorted(rng.sample(devices, round(faults.silent_devices * len(devices))))
+        self.silent_from = {
+            d: rng.randrange(rounds // 2, max(rounds // 2 + 1, rounds)) for d in quiet
+        }
+        for d, k in self.silent_from.items():
+            if k > 0:
+                truth.silent[d] = (start + (k - 1) * interval).isoformat()
+        self._charging: dict[str, _Charge] = {}  # vehicle -> its session while charging
+        self._charger, self._efficiency = fleet.charger, fleet.efficiency
+
     def __iter__(self) -> Iterator[Message]:
         return self._messages()
 
@@ -275,7 +313,6 @@ class FaultyRun:
         bad = truth.bad_messages
         pending: dict[int, list[Message]] = defaultdict(list)  # round due -> messages
         per_round = len(fleet.meter_ids) + len(fleet.vehicle_ids)
-        skewed, skew = self.skewed, faults.skew
         readings = fleet.readings(
             self.start,
             self.interval,
@@ -292,10 +329,12 @@ class FaultyRun:
                     yield message
             meter = "meterId" in original
             device = str(original["meterId"] if meter else original["vehicleId"])
-            reading = original
-            if device in skewed:
-                shifted = datetime.fromisoformat(str(original["timestamp"])) + skew
-                reading = {**original, "timestamp": shifted.isoformat()}
+            if not meter:
+                self._track_session(device, original, k)
+            as_sent = self._as_sent(device, original, k)
+            if as_sent is None:
+                continue  # this device has gone quiet
+            reading = as_sent
             key, value = encode(reading)
             message = Message(key, value, meter)
             truth.readings += 1
@@ -319,3 +358,54 @@ class FaultyRun:
             for message in pending.pop(k):
                 truth.messages += 1
                 yield message
+        for vehicle in sorted(self._charging):
+            self._end_session(vehicle)
+
+    def _as_sent(self, device: str, reading: Reading, k: int) -> Reading | None:
+        """The reading as the device sends it in round k: silent, overheating, skewed."""
+        if k >= self.silent_from.get(device, self.rounds):
+            return None
+        hot_from = self.overheat.get(device)
+        if hot_from is not None and hot_from <= k < hot_from + self.faults.overheat_rounds:
+            reading = {**reading, "batteryTemp": OVERHEAT_C + (k - hot_from) * 0.5}
+        if device in self.skewed:
+            shifted = datetime.fromisoformat(str(reading["timestamp"])) + self.faults.skew
+            reading = {**reading, "timestamp": shifted.isoformat()}
+        return reading
+
+    def _track_session(self, vehicle: str, reading: Reading, k: int) -> None:
+        """Sessions as the fleet lived them: a run of rounds that delivered DC energy."""
+        charge = self._charging.get(vehicle)
+        if float(reading["kwhDeliveredDc"]) > 0:
+            if charge is None:
+                charge = self._charging[vehicle] = _Charge(str(reading["timestamp"]), k)
+            charge.ended = str(reading["timestamp"])
+            charge.dc += float(reading["kwhDeliveredDc"])
+        elif charge is not None:
+            self._end_session(vehicle)
+
+    def _end_session(self, vehicle: str) -> None:
+        charge = self._charging.pop(vehicle)
+        meter = self._charger[vehicle]
+        fails_at = self.failing.get(meter)
+        failed = fails_at is not None and charge.first_round >= fails_at
+        self.truth.sessions.append(
+            {
+                "vehicleId": vehicle,
+                "meterId": meter,
+                "startedAt": charge.started,
+                "endedAt": charge.ended,
+                "kwhDeliveredDc": round(charge.dc, 3),
+                "efficiency": self.faults.failing_efficiency if failed else self._efficiency[meter],
+            }
+        )
+
+
+@dataclass(slots=True)
+class _Charge:
+    """A session of the truth while it lasts."""
+
+    started: str
+    first_round: int
+    ended: str = ""
+    dc: float = 0.0

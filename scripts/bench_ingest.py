@@ -190,6 +190,12 @@ async def main() -> None:
         stored = await conn.fetchval(
             "SELECT (SELECT count(*) FROM meter_history) + (SELECT count(*) FROM vehicle_history)"
         )
+        # The sessions worker ran beside the write path (`run` = every role): how far it got
+        # in the 5 idle seconds before the consumer stopped.
+        sessions, behind = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM charging_sessions),"
+            " (SELECT count(*) FROM session_changes) + (SELECT count(*) FROM meter_changes)"
+        )
         await conn.close()
         if stored != readings:
             raise SystemExit(f"stored {stored} of {readings} readings; see {log_path}")
@@ -209,6 +215,7 @@ async def main() -> None:
         print(
             f"ratio consumer/COPY: {ingest_rate / copy_rate:.2f}; consumer peak RSS {peak_rss_mb:.0f} MB"
         )
+        print(f"sessions: {sessions:,} kept; devices not yet sessionized at exit: {behind:,}")
         print(f"machine: {os.cpu_count()} cores shared by broker, PostgreSQL and consumer")
         print(
             json.dumps(
@@ -219,6 +226,8 @@ async def main() -> None:
                     "ratio": round(ingest_rate / copy_rate, 3),
                     "consumer_peak_rss_mb": round(peak_rss_mb, 1),
                     "ingest_seconds": round(ingest_s, 2),
+                    "sessions": sessions,
+                    "devices_not_sessionized_at_exit": behind,
                     "cores": os.cpu_count(),
                 }
             )

@@ -3,8 +3,9 @@
 Uses FLEET_KAFKA_BOOTSTRAP_SERVERS / FLEET_DATABASE_URL when set; otherwise
 starts a local Kafka-protocol broker (tansu) and a local PostgreSQL (pgserver)
 under .demo/. Then: migrate, run the consumer, publish two hours of readings of
-200 meters and 200 vehicles (plus a few malformed messages), show what landed,
-and keep running until Ctrl-C so you can look around.
+200 meters and 200 vehicles (plus a few malformed messages; ten chargers fail from
+the start), show what landed and the alert raised for a failing charger, and keep
+running until Ctrl-C so you can look around.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from devtools.processes import ConsumerProcess
 from devtools.stack import Broker, free_port, start_broker, wait_for_port, with_database
 from producer_sim.__main__ import publish
 from producer_sim.assignments import write_assignments
+from producer_sim.faults import Faults, Truth
 from producer_sim.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,9 +65,32 @@ async def _wait_for_rows(dsn: str, since: datetime, expected: int, timeout: floa
         await conn.close()
 
 
-async def _report(dsn: str, fleet: Fleet) -> None:
-    # Tell the database which charger each simulated vehicle uses, as the simulator does.
-    await write_assignments(dsn, fleet.charger, datetime.now(UTC) - timedelta(days=30))
+async def _show_alerts(dsn: str, timeout: float = 60) -> None:
+    """Wait for the sessions worker to catch up, then show the failing chargers' alerts."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not await conn.fetchval(
+                "SELECT count(*) FROM session_changes WHERE since > now() - interval '1 day'"
+            ):
+                break
+            await asyncio.sleep(0.5)
+        sessions = await conn.fetchval("SELECT count(*) FROM charging_sessions")
+        print(f"charging sessions: {sessions:,}")
+        for alert in await conn.fetch(
+            "SELECT kind, subject, opened_at, evidence->>'averageEfficiency' AS efficiency"
+            " FROM alerts WHERE kind = 'charger_efficiency_low' ORDER BY subject"
+        ):
+            print(
+                f"alert: {alert['kind']} on {alert['subject']} (efficiency "
+                f"{float(alert['efficiency']):.2f}) at {alert['opened_at']:%H:%M}"
+            )
+    finally:
+        await conn.close()
+
+
+async def _report(dsn: str, efficiency: dict[str, float]) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         counts = await conn.fetchrow(
@@ -107,7 +132,7 @@ async def _report(dsn: str, fleet: Fleet) -> None:
             print(
                 f"  {r['vehicle_id']} at {r['meter_id']}: {r['ratio']} "
                 f"({r['dc']} kWh DC / {r['ac']} kWh AC; simulated charger "
-                f"{fleet.efficiency[r['meter_id']]:.3f})"
+                f"{efficiency[r['meter_id']]:.3f})"
             )
     finally:
         await conn.close()
@@ -139,13 +164,16 @@ async def main(seconds: float | None) -> int:
         # A demo on this machine only: no tokens, so bound to the loopback interface.
         os.environ.setdefault("FLEET_HTTP_HOST", "127.0.0.1")
         os.environ.setdefault("FLEET_API_AUTH", "off")
+        # Two hours hold one or two sessions a vehicle: rate a charger on its last one.
+        os.environ.setdefault("FLEET_ALERT_SESSIONS", "1")
         settings = Settings()
 
         say("migrating the database")
         print("applied:", await migrate(dsn) or "nothing new")
         if broker is not None:
             await _forget_offsets(dsn, settings.group_id)
-        await ensure_topics(bootstrap, [*settings.topics, settings.dlq_topic], partitions=4)
+        topics = [*settings.topics, settings.dlq_topic, settings.alerts_topic]
+        await ensure_topics(bootstrap, topics, partitions=4)
 
         say("starting the consumer (python -m consumer run); its log is .demo/consumer.log")
         (STATE / "consumer.log").unlink(missing_ok=True)
@@ -158,6 +186,9 @@ async def main(seconds: float | None) -> int:
         interval = timedelta(minutes=1)
         began = datetime.now(UTC)
         start = began.replace(microsecond=0) - ROUNDS * interval
+        # Which charger each vehicle uses, before its readings arrive: sessions get their meter.
+        await write_assignments(dsn, fleet.charger, start - timedelta(days=30))
+        truth = Truth()
         say(f"publishing {ROUNDS} minutes of readings from {METERS} meters and {VEHICLES} vehicles")
         published = await publish(
             bootstrap,
@@ -170,6 +201,8 @@ async def main(seconds: float | None) -> int:
             settings.vehicle_topic,
             settings.mixed_topic,
             settings.kafka_idempotent_producer,
+            faults=Faults(failing_chargers=0.05, fail_from=0),
+            truth=truth,
         )
         await _publish_malformed(bootstrap, settings.mixed_topic)
         print(f"published {published:,} readings and {len(MALFORMED)} malformed messages")
@@ -177,13 +210,18 @@ async def main(seconds: float | None) -> int:
         say("waiting for the consumer to store them")
         stored = await _wait_for_rows(dsn, began, published + len(MALFORMED))
         print(f"stored {stored:,} of {published + len(MALFORMED):,} messages")
-        await _report(dsn, fleet)
+        failing = dict.fromkeys(truth.failing_chargers, truth.failing_efficiency)
+        await _report(dsn, fleet.efficiency | failing)
+        await _show_alerts(dsn)
 
         port = settings.http_port
         say("where to look")
         print(f"  analytics: curl -s localhost:{port}/v1/analytics/performance/ev-00141")
         print(f"  fleet:     curl -s 'localhost:{port}/v1/analytics/fleet/efficiency?limit=5'")
         print(f"  live:      curl -s localhost:{port}/v1/vehicles/ev-00001/live")
+        print(f"  sessions:  curl -s localhost:{port}/v1/vehicles/ev-00001/sessions")
+        print(f"  chargers:  curl -s 'localhost:{port}/v1/chargers/health?limit=5'")
+        print(f"  alerts:    curl -s 'localhost:{port}/v1/alerts?state=open'")
         print(f"  API doc:   curl -s localhost:{port}/openapi.json")
         print(f"  metrics:   curl -s localhost:{port}/metrics | grep ^fleet_")
         print(f"  readiness: curl -s localhost:{port}/readyz")

@@ -78,6 +78,7 @@ def make_settings(broker: str, database_url: str, **overrides: Any) -> Settings:
         "vehicle_topic": f"vehicle-{suffix}",
         "mixed_topic": f"fleet-{suffix}",
         "dlq_topic": f"dlq-{suffix}",
+        "alerts_topic": f"alerts-{suffix}",
         "group_id": f"group-{suffix}",
         "batch_max_records": 500,
         "session_timeout_ms": 6000,
@@ -97,7 +98,7 @@ def make_settings(broker: str, database_url: str, **overrides: Any) -> Settings:
 async def settings(broker: str, database: str) -> Settings:
     """Settings for one test (see make_settings), its topics created with 4 partitions."""
     s = make_settings(broker, database)
-    await ensure_topics(broker, [*s.topics, s.dlq_topic], partitions=4)
+    await ensure_topics(broker, [*s.topics, s.dlq_topic, s.alerts_topic], partitions=4)
     return s
 
 

@@ -9,11 +9,15 @@ the stable error code and message a client gets when it is wrong.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
+from uuid import UUID
 
 from pydantic import (
     AwareDatetime,
@@ -28,12 +32,15 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from consumer.alerts import Kind as AlertKind
 from consumer.api.errors import ApiError
 from consumer.models import DeviceId, Reading, Timestamp
 
 # The examples name one vehicle and its charger's meter throughout the document.
 EXAMPLE_VEHICLE = "ev-0001"
 EXAMPLE_METER = "meter-0001"
+EXAMPLE_SESSION = "3f2b7c1e-8d4a-4b6f-9c2e-1a5d7e9b0c11"
+EXAMPLE_ALERT = "a1e27c0d-5b8f-4e3a-9d6c-2f4b8a0e7d15"
 
 
 @dataclass(frozen=True)
@@ -352,6 +359,145 @@ class MeterLive(Stored):
     meter_id: str
     kwh_consumed_ac: float
     voltage: float
+
+
+# --- sessions, chargers and alerts ---------------------------------------------------------
+
+
+def encode_cursor(*key: str | None) -> str:
+    """Where a page ended: the last row's sort key, opaque to clients."""
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+
+
+def decode_cursor(text: str, size: int) -> list[str | None]:
+    try:
+        key = json.loads(base64.urlsafe_b64decode(text.encode()))
+    except (ValueError, binascii.Error):
+        key = None
+    if not (
+        isinstance(key, list)
+        and len(key) == size
+        and all(k is None or (isinstance(k, str) and len(k) <= 200) for k in key)
+    ):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
+    return key
+
+
+class Page(QueryModel):
+    limit: Annotated[
+        PageSize | None, Invalid("invalid_limit", "limit must be an integer from 1 to 1000")
+    ] = Field(default=None, description="Page size (default: FLEET_REPORT_PAGE_SIZE).")
+    cursor: Annotated[
+        str | None, Invalid("invalid_cursor", "cursor is not one this API returned")
+    ] = Field(default=None, description="nextCursor of the previous page.")
+
+
+class SessionsQuery(Page):
+    """Sessions that started in [from, to), newest first; either bound may be left out."""
+
+    from_: Annotated[QueryInstant | None, invalid_instant("from")] = Field(
+        default=None, description="Sessions that started at or after this instant."
+    )
+    to: Annotated[QueryInstant | None, invalid_instant("to")] = Field(
+        default=None, description="Sessions that started before this instant."
+    )
+
+
+class SessionPath(ApiModel):
+    session_id: Annotated[UUID, Invalid("invalid_session_id", "sessionId must be a UUID")] = Field(
+        description="The session's id.", examples=[EXAMPLE_SESSION]
+    )
+
+
+class SessionState(enum.StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Session(ApiModel):
+    session_id: str = Field(description="Stable: the same whenever the session is recomputed.")
+    vehicle_id: str
+    meter_id: str | None = Field(description="The vehicle's meter when the session started.")
+    started_at: UtcInstant = Field(description="The first delivering reading.")
+    ended_at: UtcInstant = Field(description="The last delivering reading so far.")
+    state: SessionState
+    kwh_delivered_dc: float
+    kwh_consumed_ac: float | None
+    efficiency_ratio: float | None
+    status: EfficiencyStatus
+    soc_start: float
+    soc_end: float
+    max_battery_temp: float
+    readings: int = Field(ge=1)
+
+
+class SessionPage(ApiModel):
+    sessions: list[Session]
+    next_cursor: str | None
+
+
+class ChargersQuery(Page):
+    status: Annotated[
+        EfficiencyStatus | None,
+        Invalid("invalid_status", f"status must be one of {', '.join(EfficiencyStatus)}"),
+    ] = Field(default=None, description="Only chargers with this status.")
+
+
+class ChargerHealth(ApiModel):
+    meter_id: str
+    average_efficiency: float | None = Field(
+        description="Of its last FLEET_ALERT_SESSIONS closed sessions (null while it has fewer)."
+    )
+    sessions: int = Field(ge=0, description="Closed, rated sessions counted (at most the last N).")
+    status: EfficiencyStatus
+    last_session_at: UtcInstant | None
+    open_alerts: list[str] = Field(description="Kinds of its unresolved alerts.")
+
+
+class ChargerPage(ApiModel):
+    chargers: list[ChargerHealth]
+    next_cursor: str | None
+
+
+class AlertState(enum.StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+class AlertsQuery(Page):
+    state: Annotated[
+        AlertState | None,
+        Invalid("invalid_state", f"state must be one of {', '.join(AlertState)}"),
+    ] = Field(default=None)
+    kind: Annotated[
+        AlertKind | None, Invalid("invalid_kind", f"kind must be one of {', '.join(AlertKind)}")
+    ] = Field(default=None)
+    subject: Annotated[DeviceId | None, invalid_id("subject")] = Field(
+        default=None, description="A meter or vehicle id."
+    )
+
+
+class AlertPath(ApiModel):
+    alert_id: Annotated[UUID, Invalid("invalid_alert_id", "alertId must be a UUID")] = Field(
+        description="The alert's id.", examples=[EXAMPLE_ALERT]
+    )
+
+
+class Alert(ApiModel):
+    alert_id: str
+    kind: AlertKind
+    subject: str
+    state: AlertState
+    opened_at: UtcInstant = Field(description="Event time of the evidence that opened it.")
+    acknowledged_at: UtcInstant | None
+    resolved_at: UtcInstant | None
+    evidence: dict[str, Any] = Field(description="The sessions or readings that opened it.")
+
+
+class AlertPage(ApiModel):
+    alerts: list[Alert]
+    next_cursor: str | None
 
 
 # The operations endpoints (consumer.api.app), documented with the rest.

@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, models_json_schema
 
-from consumer.api import analytics, ingestion
+from consumer.api import analytics, ingestion, sessions
 from consumer.api.contract import (
     INVALID_BODY,
     EfficiencyStatus,
@@ -40,7 +40,7 @@ from consumer.settings import Settings
 
 Schema = dict[str, Any]
 REF = "#/components/schemas/{model}"
-OPERATIONS: list[Operation] = [*analytics.OPERATIONS, ingestion.OPERATION]
+OPERATIONS: list[Operation] = [*analytics.OPERATIONS, ingestion.OPERATION, *sessions.OPERATIONS]
 
 
 def openapi_routes() -> list[web.RouteDef]:

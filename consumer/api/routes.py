@@ -7,7 +7,14 @@ from aiohttp import web
 from consumer.api.analytics import analytics_routes
 from consumer.api.ingestion import ingestion_routes
 from consumer.api.openapi import openapi_routes
+from consumer.api.operation import routes_of
+from consumer.api.sessions import OPERATIONS as SESSION_OPERATIONS
 
 
 def api_routes() -> list[web.RouteDef]:
-    return [*analytics_routes(), *ingestion_routes(), *openapi_routes()]
+    return [
+        *analytics_routes(),
+        *ingestion_routes(),
+        *routes_of(SESSION_OPERATIONS),
+        *openapi_routes(),
+    ]

@@ -36,4 +36,5 @@ async def test_demo_stores_every_message_and_says_where_to_look(broker: str, dat
     assert "stored 48,003 of 48,003 messages" in text
     assert "dead letter: malformed_json x1" in text
     assert "charging efficiency" in text
+    assert "alert: charger_efficiency_low on meter-" in text  # a failing charger, raised
     assert f"localhost:{env['FLEET_HTTP_PORT']}/metrics" in text

@@ -37,6 +37,7 @@ from pydantic import SecretStr
 from consumer.kafka import ensure_topics
 from consumer.migrate import migrate
 from consumer.service import Role, Service
+from consumer.sessions import SessionWorker
 from consumer.settings import Settings
 from devtools.factories import encode, meter, mixed_fleet
 from devtools.stack import drop_database, fresh_database, start_local_postgres
@@ -303,7 +304,7 @@ def test_kafka_init_logs_in_like_the_services_and_sets_an_explicit_retention(
         "FLEET_KAFKA_SASL_PASSWORD": "s3cret-pass",
     }
     calls = kafka_init_calls(tmp_path, login)
-    assert len(calls) == 5  # four topics created, then described
+    assert len(calls) == 6  # five topics created (readings, dead letters, alerts), then described
     for args, config in calls:
         assert args[args.index("--bootstrap-server") + 1] == "kafka-1.example:9093"
         assert config.splitlines() == [
@@ -410,6 +411,7 @@ def test_services_connect_as_their_own_database_login_with_the_init_scripts_pass
         "FLEET_OWNER_PASSWORD": "o-1",
         "FLEET_CONSUMER_PASSWORD": "c-2",
         "FLEET_API_READER_PASSWORD": "a-3",
+        "FLEET_SESSIONS_PASSWORD": "s-4",
     }
     for env in ({}, overrides):
         stack = services(env=env)
@@ -418,6 +420,7 @@ def test_services_connect_as_their_own_database_login_with_the_init_scripts_pass
             "migrate": ("FLEET_DATABASE_URL", "fleet_owner", "FLEET_OWNER_PASSWORD"),
             "consumer": ("FLEET_DATABASE_URL", "fleet_consumer", "FLEET_CONSUMER_PASSWORD"),
             "api": ("FLEET_DATABASE_URL", "fleet_api_reader", "FLEET_API_READER_PASSWORD"),
+            "sessions": ("FLEET_DATABASE_URL", "fleet_sessions_worker", "FLEET_SESSIONS_PASSWORD"),
             "simulator": ("SIM_ASSIGNMENTS_DSN", "fleet_owner", "FLEET_OWNER_PASSWORD"),
         }
         for name, (key, user, password_variable) in expected.items():
@@ -442,7 +445,11 @@ def test_prometheus_finds_every_replica_of_the_consumer_and_the_api() -> None:
             for name in sd["names"]:
                 assert name in stack, f"{job['job_name']} resolves {name}, not a compose service"
                 discovered[name] = job["job_name"]
-    assert discovered == {"consumer": "fleet-consumer", "api": "fleet-api"}
+    assert discovered == {
+        "consumer": "fleet-consumer",
+        "api": "fleet-api",
+        "sessions": "fleet-sessions",
+    }
     assert str(SERVICE_PORT) in stack["consumer"]["expose"]
     mounts = dict((target, source) for source, target in bind_mounts(stack["prometheus"]))
     assert mounts["/etc/prometheus/prometheus.yml"] == PROMETHEUS_CONFIG
@@ -519,6 +526,7 @@ async def test_the_init_script_creates_the_logins_that_migrate_consume_and_serve
         "FLEET_OWNER_PASSWORD": f"owner-{suffix}",
         "FLEET_CONSUMER_PASSWORD": f"consumer-{suffix}",
         "FLEET_API_READER_PASSWORD": f"reader-{suffix}",
+        "FLEET_SESSIONS_PASSWORD": f"sessions-{suffix}",
     }
     stack = services(env=env)
     workdir = ARTIFACTS / f"deploy-{suffix}"  # kept, with the server's log, if the test fails
@@ -572,8 +580,9 @@ async def test_the_init_script_creates_the_logins_that_migrate_consume_and_serve
                 "fleet_owner",
                 "fleet_consumer",
                 "fleet_api_reader",
+                "fleet_sessions_worker",
             }
-            assert {"fleet_writer", "fleet_reader", "fleet_api"} <= set(roles)
+            assert {"fleet_writer", "fleet_reader", "fleet_api", "fleet_sessions"} <= set(roles)
             assert not any(r["rolsuper"] or r["rolcreaterole"] for r in roles.values())
             assert (
                 await owner.fetchval(
@@ -588,6 +597,16 @@ async def test_the_init_script_creates_the_logins_that_migrate_consume_and_serve
             await Service(settings, Role.INGEST).run(idle_timeout=1.0)
             assert await offsets_reach(owner, settings.meter_topic, 1)
             assert await owner.fetchval("SELECT count(*) FROM meter_history") == 1
+
+            sessions_dsn = _on(
+                environment(stack["sessions"])["FLEET_DATABASE_URL"] or "", server.port
+            )
+            pool = await asyncpg.create_pool(sessions_dsn, min_size=1, max_size=1)
+            try:
+                await SessionWorker(pool, settings).cycle()  # as fleet_sessions_worker
+            finally:
+                await pool.close()
+            assert await owner.fetchval("SELECT count(*) FROM meter_changes") == 0
         finally:
             await owner.close()
 
@@ -662,7 +681,7 @@ async def live(
     base = f"http://{address}"
     try:
         with prometheus_like_deploy(
-            {"fleet-consumer": address, "fleet-api": address}, workdir
+            {"fleet-consumer": address, "fleet-api": address, "fleet-sessions": address}, workdir
         ) as prometheus:
             async with (
                 running_service(settings),
@@ -672,14 +691,14 @@ async def live(
                 db = await asyncpg.connect(settings.database_url.get_secret_value())
                 stack.push_async_callback(db.close)
 
-                async def scraped_as_both_jobs() -> bool:
+                async def scraped_as_every_job() -> bool:
                     query = {"query": "count(up == 1)"}
                     async with http.get(f"{prometheus}/api/v1/query", params=query) as resp:
                         result = (await resp.json())["data"]["result"]
-                    return bool(result) and result[0]["value"][1] == "2"
+                    return bool(result) and result[0]["value"][1] == "3"
 
                 # A first scrape before any traffic: rates need a sample from before it.
-                await wait_until(scraped_as_both_jobs, timeout=30)
+                await wait_until(scraped_as_every_job, timeout=30)
                 readings = mixed_fleet(5, 5, 3)
                 sent = 0
                 for second in range(3):  # stored across several scrapes

@@ -59,6 +59,11 @@ GRANTS = {
         for privilege in ("SELECT", "INSERT", "UPDATE")
     ),
     *(
+        ("fleet_writer", table, privilege)  # sql/012: the batch's marks for the sessions worker
+        for table in ("session_changes", "meter_changes")
+        for privilege in ("SELECT", "INSERT", "UPDATE")
+    ),
+    *(
         ("fleet_reader", table, "SELECT")
         for table in (
             "meter_history",
@@ -66,6 +71,10 @@ GRANTS = {
             "meter_live",
             "vehicle_live",
             "vehicle_meter_assignments",
+            "charging_sessions",
+            "charger_health",
+            "alerts",
+            "alert_transitions",
         )
     ),
 }
@@ -462,7 +471,10 @@ async def test_a_plain_login_that_owns_the_database_migrates_it_with_exact_grant
             )
             assert {tuple(e) for e in executable} == {
                 ("PUBLIC", "fleet_assignments_do_not_overlap"),  # a trigger's function (sql/005)
+                ("PUBLIC", "fleet_efficiency_status"),  # pure arithmetic (sql/011)
+                ("PUBLIC", "fleet_watermark"),  # reads as its caller (sql/011)
                 *(("fleet_writer", f) for f in (*MAINTENANCE, "fleet_write_batch")),
+                *(("fleet_sessions", f) for f in ("fleet_sessionize", "fleet_recount_sessions")),
             }
             definers = await conn.fetch(
                 "SELECT proname, proconfig FROM pg_proc "

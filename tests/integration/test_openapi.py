@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from consumer.api.app import make_app
-from consumer.api.contract import EXAMPLE_METER, EXAMPLE_VEHICLE
+from consumer.api.contract import EXAMPLE_ALERT, EXAMPLE_METER, EXAMPLE_SESSION, EXAMPLE_VEHICLE
 from consumer.api.deps import DEPS, ApiDeps
 from consumer.api.ingestion import PATH
 from consumer.api.routes import api_routes
@@ -121,6 +121,31 @@ async def test_document_describes_every_served_route(live_api: TestClient[Any, A
     assert served_operations(live_api.app) <= documented
 
 
+async def seed_session_and_alert(dsn: str, now: datetime) -> None:
+    """A session and an alert under the document's example ids (the worker derives its own)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO charging_sessions (session_id, vehicle_id, meter_id, started_at, ended_at,"
+            " state, kwh_delivered_dc, kwh_consumed_ac, efficiency_ratio, status, soc_start,"
+            " soc_end, max_battery_temp, readings)"
+            " VALUES ($1, $2, $3, $4, $4, 'closed', 1.2, 1.3, 0.9231, 'normal', 55, 55, 26.5, 1)",
+            EXAMPLE_SESSION,
+            EXAMPLE_VEHICLE,
+            EXAMPLE_METER,
+            now - timedelta(hours=2),
+        )
+        await conn.execute(
+            "INSERT INTO alerts (alert_id, kind, subject, state, opened_at, evidence)"
+            " VALUES ($1, 'device_silent', $2, 'open', $3, '{}')",
+            EXAMPLE_ALERT,
+            EXAMPLE_METER,
+            now - timedelta(hours=2),
+        )
+    finally:
+        await conn.close()
+
+
 @pytest.mark.timeout(400)
 async def test_live_server_conforms_to_the_document(
     live_api: TestClient[Any, Any], tmp_path: Path
@@ -149,6 +174,7 @@ async def test_live_server_conforms_to_the_document(
     seeded = await live_api.post(PATH, json=readings, headers={"Authorization": f"Bearer {TOKEN}"})
     assert seeded.status == 202
     await consume_until_idle(live_api.app[DEPS].settings)  # the examples' ids now have data
+    await seed_session_and_alert(live_api.app[DEPS].settings.database_url.get_secret_value(), now)
 
     served = served_operations(live_api.app)
     paths = (await document(live_api))["paths"]

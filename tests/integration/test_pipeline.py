@@ -146,7 +146,7 @@ async def test_metrics_and_health_are_served_while_consuming(settings: Settings)
     assert 'fleet_ingest_records_total{outcome="stored",stream="meter"}' in text
     assert "fleet_batch_write_duration_seconds_bucket" in text
     assert "fleet_consumer_lag_records{" in text
-    checks = {"database": "ok", "api_database": "ok", "broker": "ok"}
+    checks = {"database": "ok", "sessions_database": "ok", "api_database": "ok", "broker": "ok"}
     assert ready == (200, {"status": "ready", "checks": checks})
     assert missing[0] == 404
     assert missing[1]["error"]["code"] == "not_found"

@@ -49,6 +49,11 @@ def build(messages: list[FakeMessage], *, now: datetime = NOW, limits: Limits = 
     return build_batch(messages, STREAM_OF_TOPIC, now=now, limits=limits)
 
 
+def spans(batch: Batch) -> dict[tuple[str, int], tuple[int, int]]:
+    """Each partition's (first, next) offsets."""
+    return {tp: (r.first, r.next) for tp, r in batch.offsets.items()}
+
+
 def meter_reading(device: str, ts: datetime, kwh: float = 1.0) -> MeterReading:
     return MeterReading.model_validate(meter(device, kwhConsumedAc=kwh, timestamp=ts))
 
@@ -136,18 +141,37 @@ def test_every_message_is_either_a_reading_or_a_dead_letter() -> None:
 def test_offsets_cover_each_partition_from_first_to_last_plus_one() -> None:
     """Each topic-partition gets first = smallest offset, next = largest + 1, rejects included."""
     batch = build(MIXED_POLL)
-    assert batch.offsets == {
-        (METER_TOPIC, 0): OffsetRange(first=10, next=13),
-        (METER_TOPIC, 1): OffsetRange(first=3, next=4),
-        (VEHICLE_TOPIC, 0): OffsetRange(first=100, next=102),
-        (MIXED_TOPIC, 2): OffsetRange(first=7, next=10),
+    assert spans(batch) == {
+        (METER_TOPIC, 0): (10, 13),
+        (METER_TOPIC, 1): (3, 4),
+        (VEHICLE_TOPIC, 0): (100, 102),
+        (MIXED_TOPIC, 2): (7, 10),
     }
+
+
+def test_each_partition_carries_its_newest_event_time_across_merged_chunks() -> None:
+    """The newest reading's timestamp per partition (what the sessions watermark follows);
+    a partition of rejects only has none, and merging keeps the newer of two chunks."""
+    first = build(
+        [
+            msg(METER_TOPIC, 0, 1, meter_json("a", ts="2024-06-01T11:05:00Z")),
+            msg(METER_TOPIC, 0, 2, meter_json("b", ts="2024-06-01T11:01:00Z")),
+            msg(METER_TOPIC, 1, 1, b"not json"),
+        ]
+    )
+    later = build([msg(METER_TOPIC, 0, 3, meter_json("a", ts="2024-06-01T11:03:00Z"))])
+    assert first.offsets[(METER_TOPIC, 0)].newest == datetime(2024, 6, 1, 11, 5, tzinfo=UTC)
+    assert first.offsets[(METER_TOPIC, 1)].newest is None
+    first.extend(later)
+    assert first.offsets[(METER_TOPIC, 0)] == OffsetRange(
+        1, 4, datetime(2024, 6, 1, 11, 5, tzinfo=UTC)
+    )
 
 
 def test_offsets_do_not_depend_on_message_order() -> None:
     """Messages handed over out of offset order still give the smallest first and largest + 1."""
     batch = build([msg(METER_TOPIC, 4, off, meter_json(f"m{off}")) for off in (50, 42, 57, 44)])
-    assert batch.offsets == {(METER_TOPIC, 4): OffsetRange(first=42, next=58)}
+    assert spans(batch) == {(METER_TOPIC, 4): (42, 58)}
 
 
 def test_same_partition_number_on_different_topics_is_tracked_separately() -> None:
@@ -159,10 +183,7 @@ def test_same_partition_number_on_different_topics_is_tracked_separately() -> No
             msg(METER_TOPIC, 0, 6, meter_json("m3")),
         ]
     )
-    assert batch.offsets == {
-        (METER_TOPIC, 0): OffsetRange(first=5, next=7),
-        (MIXED_TOPIC, 0): OffsetRange(first=900, next=901),
-    }
+    assert spans(batch) == {(METER_TOPIC, 0): (5, 7), (MIXED_TOPIC, 0): (900, 901)}
 
 
 def test_partition_of_only_rejects_still_advances() -> None:
@@ -171,7 +192,7 @@ def test_partition_of_only_rejects_still_advances() -> None:
     assert batch.readings == {Stream.METER: [], Stream.VEHICLE: []}
     assert len(batch.dead_letters) == 3
     assert {d.rejection.reason for d in batch.dead_letters} == {Reason.MALFORMED_JSON}
-    assert batch.offsets == {(VEHICLE_TOPIC, 3): OffsetRange(first=20, next=23)}
+    assert batch.offsets == {(VEHICLE_TOPIC, 3): OffsetRange(first=20, next=23)}  # no reading
 
 
 def test_empty_poll_gives_an_empty_batch() -> None:
