@@ -1,20 +1,20 @@
 """The sessions worker: charging sessions kept from history, and the alerts they raise.
 
-The batch transaction marks which devices got readings (session_changes, meter_changes,
+The batch transaction marks which devices got readings (session_marks, meter_marks,
 sql/011); nothing else on the write path knows about sessions. Each cycle, in one
 transaction, this worker:
 
 1. reads the watermark: how far the ingest group has read in event time, taken as its
    slowest active partition's newest reading (never ahead of the wall clock, so a device
    whose clock runs fast cannot close sessions early), less FLEET_SESSION_LATENESS_MINUTES;
-2. takes a bounded set of marks and recomputes the touched vehicles' sessions from
+2. takes the oldest marks (a bounded number) and recomputes the touched vehicles' sessions from
    history (fleet_sessionize) and the AC side of the touched meters' sessions
    (fleet_recount_sessions); a re-sent reading recomputes to the same rows;
 3. closes the open sessions the watermark has passed by more than the gap;
 4. evaluates the alerts of what changed (consumer.alerts), writing transitions and their
    outbox rows;
-5. clears each mark it took, only where its counter did not move meanwhile (a batch that
-   committed after step 2 leaves its mark for the next cycle).
+5. deletes the marks it took (a batch that committed meanwhile left marks of its own,
+   taken by the next cycle).
 
 A crash anywhere rolls the cycle back whole: marks, sessions and alerts move together.
 One worker cycles at a time (a transaction-scoped advisory lock); others wait their turn.
@@ -37,11 +37,17 @@ log = structlog.get_logger(__name__)
 
 _LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('fleet_sessions'))"
 _WATERMARK = "SELECT fleet_watermark($1)"  # sql/011
+# The oldest marks first; a device marked by several batches is recomputed once, from the
+# earliest of its readings among them.
 _VEHICLE_MARKS = """
-SELECT vehicle_id, since, seq FROM session_changes ORDER BY since, vehicle_id LIMIT $1
+SELECT vehicle_id, min(since) AS since, array_agg(id) AS ids
+  FROM (SELECT id, vehicle_id, since FROM session_marks ORDER BY id LIMIT $1) m
+ GROUP BY vehicle_id
 """
 _METER_MARKS = """
-SELECT meter_id, since, seq FROM meter_changes ORDER BY since, meter_id LIMIT $1
+SELECT meter_id, min(since) AS since, array_agg(id) AS ids
+  FROM (SELECT id, meter_id, since FROM meter_marks ORDER BY id LIMIT $1) m
+ GROUP BY meter_id
 """
 _SESSIONIZE = "SELECT meter_id FROM fleet_sessionize($1, $2, $3, $4, $5, $6, $7)"
 _RECOUNT = "SELECT meter_id FROM fleet_recount_sessions($1, $2, $3, $4, $5)"
@@ -50,21 +56,8 @@ UPDATE charging_sessions SET state = 'closed', updated_at = now()
  WHERE state = 'open' AND ended_at < $1::timestamptz - $2::interval
 RETURNING meter_id
 """
-# In key order, as the batch transaction takes them: no deadlock between the two.
-_CLEAR_VEHICLE_MARKS = """
-DELETE FROM session_changes c
- USING (SELECT m.vehicle_id FROM session_changes m
-          JOIN unnest($1::text[], $2::bigint[]) AS t(id, seq) ON m.vehicle_id = t.id AND m.seq = t.seq
-         ORDER BY m.vehicle_id FOR UPDATE OF m) x
- WHERE c.vehicle_id = x.vehicle_id
-"""
-_CLEAR_METER_MARKS = """
-DELETE FROM meter_changes c
- USING (SELECT m.meter_id FROM meter_changes m
-          JOIN unnest($1::text[], $2::bigint[]) AS t(id, seq) ON m.meter_id = t.id AND m.seq = t.seq
-         ORDER BY m.meter_id FOR UPDATE OF m) x
- WHERE c.meter_id = x.meter_id
-"""
+_CLEAR_VEHICLE_MARKS = "DELETE FROM session_marks WHERE id = ANY($1::bigint[])"
+_CLEAR_METER_MARKS = "DELETE FROM meter_marks WHERE id = ANY($1::bigint[])"
 
 
 class SessionWorker:
@@ -131,16 +124,11 @@ class SessionWorker:
                 vehicles=[(r["vehicle_id"], r["since"]) for r in vehicles],
             )
             if vehicles:
-                await conn.execute(
-                    _CLEAR_VEHICLE_MARKS,
-                    [r["vehicle_id"] for r in vehicles],
-                    [r["seq"] for r in vehicles],
-                )
+                await conn.execute(_CLEAR_VEHICLE_MARKS, [i for r in vehicles for i in r["ids"]])
             if meters:
-                await conn.execute(
-                    _CLEAR_METER_MARKS, [r["meter_id"] for r in meters], [r["seq"] for r in meters]
-                )
+                await conn.execute(_CLEAR_METER_MARKS, [i for r in meters for i in r["ids"]])
         metrics.SESSIONS_CLOSED.inc(len(closed))
         metrics.SESSIONS_WATERMARK.set(watermark.timestamp())
         metrics.SESSIONS_CYCLE_SECONDS.observe(time.monotonic() - started)
-        return len(vehicles) == limit or len(meters) == limit
+        taken = sum(len(r["ids"]) for r in vehicles), sum(len(r["ids"]) for r in meters)
+        return limit in taken

@@ -194,7 +194,8 @@ async def main() -> None:
         # in the 5 idle seconds before the consumer stopped.
         sessions, behind = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM charging_sessions),"
-            " (SELECT count(*) FROM session_changes) + (SELECT count(*) FROM meter_changes)"
+            " (SELECT count(DISTINCT vehicle_id) FROM session_marks)"
+            " + (SELECT count(DISTINCT meter_id) FROM meter_marks)"
         )
         await conn.close()
         if stored != readings:

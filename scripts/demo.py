@@ -72,7 +72,7 @@ async def _show_alerts(dsn: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not await conn.fetchval(
-                "SELECT count(*) FROM session_changes WHERE since > now() - interval '1 day'"
+                "SELECT count(*) FROM session_marks WHERE since > now() - interval '1 day'"
             ):
                 break
             await asyncio.sleep(0.5)

@@ -2,9 +2,9 @@
 --
 -- History stays the source of truth: a session row is a cache of what history says, and
 -- can be dropped and recomputed at any time. The batch transaction only marks what
--- changed (session_changes, meter_changes: one row per device, the earliest reading's
--- time and a counter); the worker takes the marks, recomputes the touched sessions and
--- clears each mark only if its counter did not move meanwhile.
+-- changed (session_marks, meter_marks: per device, the earliest reading of the batch);
+-- the worker takes the marks, recomputes the touched sessions and deletes the marks it
+-- took, in one transaction.
 
 CREATE TABLE charging_sessions (
     session_id       uuid          PRIMARY KEY,  -- uuid5(vehicle id, started_at): the same on recomputation
@@ -28,16 +28,20 @@ CREATE TABLE charging_sessions (
 CREATE INDEX charging_sessions_meter ON charging_sessions (meter_id, started_at);
 CREATE INDEX charging_sessions_open ON charging_sessions (ended_at) WHERE state = 'open';
 
-CREATE TABLE session_changes (
-    vehicle_id text        PRIMARY KEY,
-    since      timestamptz NOT NULL,  -- the earliest delivering reading not yet sessionized
-    seq        bigint      NOT NULL DEFAULT 1
+-- A queue, appended to by every batch and emptied by the worker: one row per device per
+-- batch, the earliest of its readings in that batch. Append-only, so a batch never waits
+-- for the worker (nor the worker for a batch), and the worker deletes exactly the rows it
+-- read: a row committed meanwhile is left for its next cycle.
+CREATE TABLE session_marks (
+    id         bigserial   PRIMARY KEY,
+    vehicle_id text        NOT NULL,
+    since      timestamptz NOT NULL
 );
 
-CREATE TABLE meter_changes (
-    meter_id text        PRIMARY KEY,
-    since    timestamptz NOT NULL,  -- the earliest reading not yet counted in its sessions
-    seq      bigint      NOT NULL DEFAULT 1
+CREATE TABLE meter_marks (
+    id       bigserial   PRIMARY KEY,
+    meter_id text        NOT NULL,
+    since    timestamptz NOT NULL
 );
 
 -- Each partition's progress in event time (its newest reading so far): the sessions
@@ -46,8 +50,7 @@ CREATE TABLE meter_changes (
 ALTER TABLE consumer_offsets ADD COLUMN newest_event timestamptz;
 
 -- fleet_write_batch as in 006, plus each partition's newest event time (o_newest) and the
--- marks (after steps 2 and 3 of each kind, in device order: the order the sessions worker
--- locks them in, so the two never deadlock).
+-- marks (after steps 2 and 3 of each kind).
 DROP FUNCTION fleet_write_batch(
     text, text[], int[], bigint[], bigint[], bigint[],
     text[], float8[], float8[], timestamptz[],
@@ -106,10 +109,8 @@ BEGIN
          WHERE meter_live."timestamp" < EXCLUDED."timestamp";
         GET DIAGNOSTICS meters_live = ROW_COUNT;
 
-        INSERT INTO meter_changes (meter_id, since)
-        SELECT id, min(ts) FROM unnest(m_id, m_ts) AS r(id, ts) GROUP BY id ORDER BY id
-        ON CONFLICT (meter_id) DO UPDATE
-           SET since = least(meter_changes.since, EXCLUDED.since), seq = meter_changes.seq + 1;
+        INSERT INTO meter_marks (meter_id, since)
+        SELECT id, min(ts) FROM unnest(m_id, m_ts) AS r(id, ts) GROUP BY id;
     END IF;
 
     IF cardinality(v_id) > 0 THEN
@@ -131,10 +132,8 @@ BEGIN
 
         -- Every reading: the delivering ones make sessions, and all of them carry the
         -- battery temperature the overheat alert watches.
-        INSERT INTO session_changes (vehicle_id, since)
-        SELECT id, min(ts) FROM unnest(v_id, v_ts) AS r(id, ts) GROUP BY id ORDER BY id
-        ON CONFLICT (vehicle_id) DO UPDATE
-           SET since = least(session_changes.since, EXCLUDED.since), seq = session_changes.seq + 1;
+        INSERT INTO session_marks (vehicle_id, since)
+        SELECT id, min(ts) FROM unnest(v_id, v_ts) AS r(id, ts) GROUP BY id;
     END IF;
 
     IF cardinality(d_topic) > 0 THEN

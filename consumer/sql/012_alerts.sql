@@ -67,14 +67,15 @@ BEGIN
         GRANT USAGE ON SCHEMA public TO fleet_sessions;
         GRANT SELECT ON meter_history, vehicle_history, meter_live, vehicle_live,
                         vehicle_meter_assignments, consumer_offsets TO fleet_sessions;
-        GRANT SELECT, INSERT, UPDATE, DELETE ON charging_sessions, session_changes, meter_changes,
+        GRANT SELECT, INSERT, UPDATE, DELETE ON charging_sessions, session_marks, meter_marks,
                         alerts, alert_transitions, charger_health TO fleet_sessions;
         GRANT USAGE ON SEQUENCE alert_transitions_seq_seq TO fleet_sessions;
         GRANT EXECUTE ON FUNCTION fleet_sessionize, fleet_recount_sessions TO fleet_sessions;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fleet_writer') THEN
-        -- The batch's marks: an upsert reads the conflicting row.
-        GRANT SELECT, INSERT, UPDATE ON session_changes, meter_changes TO fleet_writer;
+        -- The batch's marks: appended, never read.
+        GRANT INSERT ON session_marks, meter_marks TO fleet_writer;
+        GRANT USAGE ON SEQUENCE session_marks_id_seq, meter_marks_id_seq TO fleet_writer;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fleet_reader') THEN
         GRANT SELECT ON charging_sessions, alerts, alert_transitions, charger_health TO fleet_reader;

@@ -58,11 +58,11 @@ GRANTS = {
         for table in ("meter_live", "vehicle_live", "consumer_offsets")
         for privilege in ("SELECT", "INSERT", "UPDATE")
     ),
-    *(
-        ("fleet_writer", table, privilege)  # sql/012: the batch's marks for the sessions worker
-        for table in ("session_changes", "meter_changes")
-        for privilege in ("SELECT", "INSERT", "UPDATE")
-    ),
+    # sql/012: the batch's marks for the sessions worker, appended only
+    ("fleet_writer", "session_marks", "INSERT"),
+    ("fleet_writer", "meter_marks", "INSERT"),
+    ("fleet_writer", "session_marks_id_seq", "USAGE"),
+    ("fleet_writer", "meter_marks_id_seq", "USAGE"),
     *(
         ("fleet_reader", table, "SELECT")
         for table in (

@@ -61,7 +61,7 @@ async def sessionize(pool: asyncpg.Pool, settings: Settings) -> None:
     worker = SessionWorker(pool, settings)
     for _ in range(20):
         await worker.cycle()
-        if not await pool.fetchval("SELECT count(*) FROM session_changes"):
+        if not await pool.fetchval("SELECT count(*) FROM session_marks"):
             return
     raise AssertionError("marks left after 20 cycles")
 
@@ -157,7 +157,7 @@ async def test_late_and_resent_readings_give_what_a_recomputation_from_history_g
 
     await db.execute("DELETE FROM charging_sessions")
     await db.execute(
-        "INSERT INTO session_changes (vehicle_id, since) "
+        "INSERT INTO session_marks (vehicle_id, since) "
         'SELECT vehicle_id, min("timestamp") FROM vehicle_history GROUP BY vehicle_id'
     )
     await sessionize(pool, settings)
