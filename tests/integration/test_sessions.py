@@ -8,7 +8,6 @@ from-scratch recomputation over history.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -340,4 +339,3 @@ async def test_sessions_chargers_and_alerts_through_the_api(
         assert (response.status, (await response.json())["error"]["code"]) == (status, code)
     missing = await client.post("/v1/alerts/00000000-0000-0000-0000-000000000000/ack")
     assert missing.status == 404
-    await asyncio.sleep(0)
