@@ -76,9 +76,8 @@ def efficiency_changes(
     settings: Settings,
 ) -> list[Change]:
     """The two charger rules for one meter's last-K average, with hysteresis."""
-    s = settings
-    margin = Decimal(str(s.alert_efficiency_margin))
-    low, high = Decimal(str(s.efficiency_fault_below)), Decimal(str(s.efficiency_anomalous_above))
+    margin = Decimal(str(settings.alert_efficiency_margin))
+    _, low, high = settings.efficiency_thresholds
     evidence = {"averageEfficiency": float(average), "sessionIds": sessions}
     rules = (
         (Kind.CHARGER_EFFICIENCY_LOW, average < low, average >= low + margin),
@@ -190,14 +189,9 @@ def charger_walk(  # noqa: PLR0917 -- the columns of one row of _RATED_SESSIONS
             (unresolved.add if change.opens else unresolved.discard)(change.kind)
             changes.append(change)
     average = round(sum(ratios[-k:], Decimal(0)) / k, 4) if len(ratios) >= k else None
-    if average is None:
-        status = "insufficient_data"
-    elif average < Decimal(str(settings.efficiency_fault_below)):
-        status = "fault"
-    elif average > Decimal(str(settings.efficiency_anomalous_above)):
-        status = "anomalous"
-    else:
-        status = "normal"
+    status = (
+        "insufficient_data" if average is None else settings.efficiency_thresholds.status(average)
+    )
     last = ends[-1] if ends else None
     return changes, Health(average, min(len(ratios), k), status, last)
 
@@ -299,8 +293,9 @@ async def evaluate(
     changes += await _silence_changes(conn, s)
     for change in changes:
         await record(conn, change)
-    for kind, count in await conn.fetch(_OPEN_BY_KIND):
-        metrics.ALERTS_OPEN.labels(kind).set(count)
+    unresolved_by_kind = dict(await conn.fetch(_OPEN_BY_KIND))
+    for kind in Kind:  # a kind whose last alert resolved goes back to 0, not stays
+        metrics.ALERTS_OPEN.labels(kind).set(unresolved_by_kind.get(kind, 0))
 
 
 async def _unresolved(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timedelta
-from decimal import Decimal
 
 import asyncpg
 import structlog
@@ -69,12 +68,7 @@ class SessionWorker:
         s = settings
         self.gap = timedelta(minutes=s.session_gap_minutes)
         self.lateness = timedelta(minutes=s.session_lateness_minutes)
-        # Through str: 0.85 stays 0.85 in NUMERIC.
-        self.thresholds = (
-            Decimal(str(s.efficiency_min_ac_kwh)),
-            Decimal(str(s.efficiency_fault_below)),
-            Decimal(str(s.efficiency_anomalous_above)),
-        )
+        self.thresholds = s.efficiency_thresholds
 
     async def run(self) -> None:
         """A cycle every FLEET_SESSIONS_INTERVAL_SECONDS, at once again while marks are left;

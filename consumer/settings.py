@@ -12,8 +12,9 @@ and validation errors never echo their input.
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import (
@@ -36,6 +37,21 @@ def _secrets_dir() -> Path | None:
             raise SettingsError(f"FLEET_SECRETS_DIR={configured} is not a directory")
         return path
     return _DEFAULT_SECRETS_DIR if _DEFAULT_SECRETS_DIR.is_dir() else None
+
+
+class EfficiencyThresholds(NamedTuple):
+    """The efficiency settings as exact decimals (through str: 0.85 stays 0.85 in NUMERIC,
+    not the float just below it), in the order the SQL takes them."""
+
+    min_ac_kwh: Decimal
+    fault_below: Decimal
+    anomalous_above: Decimal
+
+    def status(self, ratio: Decimal) -> str:
+        """A rated ratio's status (the SQL's fleet_efficiency_status for enough energy)."""
+        if ratio < self.fault_below:
+            return "fault"
+        return "anomalous" if ratio > self.anomalous_above else "normal"
 
 
 class Settings(BaseSettings):
@@ -262,6 +278,14 @@ class Settings(BaseSettings):
                 "certificate: set FLEET_KAFKA_SSL_CERTFILE too"
             )
         return self
+
+    @property
+    def efficiency_thresholds(self) -> EfficiencyThresholds:
+        return EfficiencyThresholds(
+            Decimal(str(self.efficiency_min_ac_kwh)),
+            Decimal(str(self.efficiency_fault_below)),
+            Decimal(str(self.efficiency_anomalous_above)),
+        )
 
     @property
     def topics(self) -> tuple[str, str, str]:

@@ -10,17 +10,13 @@ from SQL NUMERIC already rounded; they become JSON numbers only at the edge.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated
 
 import asyncpg
 from aiohttp import web
-from pydantic import Field, TypeAdapter
+from pydantic import TypeAdapter
 
 from consumer.api import analytics_sql as sql
 from consumer.api.contract import (
@@ -29,6 +25,7 @@ from consumer.api.contract import (
     AssignmentRequest,
     Assignments,
     AssignmentSpan,
+    CursorRatio,
     FleetEfficiency,
     FleetQuery,
     FleetVehicle,
@@ -39,9 +36,11 @@ from consumer.api.contract import (
     VehicleLive,
     VehiclePath,
     WindowQuery,
+    decode_cursor,
+    encode_cursor,
 )
 from consumer.api.deps import DEPS, ApiDeps
-from consumer.api.errors import ApiError
+from consumer.api.errors import ApiError, writes_refused_as_read_only
 from consumer.api.operation import Answer, Operation, routes_of
 from consumer.api.security import charge
 from consumer.models import DeviceId, Timestamp
@@ -83,23 +82,18 @@ WINDOW_REFUSALS = (
 )
 
 
-def _thresholds(request: web.Request) -> tuple[Decimal, Decimal, Decimal]:
-    # Through str: 0.85 stays 0.85 in NUMERIC, not the float just below it.
-    s = _deps(request).settings
-    return (
-        Decimal(str(s.efficiency_min_ac_kwh)),
-        Decimal(str(s.efficiency_fault_below)),
-        Decimal(str(s.efficiency_anomalous_above)),
-    )
-
-
 async def performance(
     request: web.Request, path: VehiclePath, query: PerformanceQuery
 ) -> web.Response:
     start, to = _window(request, query)
     pool = _deps(request).require_pool()
     row = await pool.fetchrow(
-        sql.PERFORMANCE, *_thresholds(request), path.vehicle_id, start, to, query.meter_id
+        sql.PERFORMANCE,
+        *_deps(request).settings.efficiency_thresholds,
+        path.vehicle_id,
+        start,
+        to,
+        query.meter_id,
     )
     if row["vehicle_readings"] == 0:
         raise ApiError(404, "vehicle_not_found", "the vehicle has no readings in this window")
@@ -133,32 +127,17 @@ class Cursor:
     vehicle_id: str
 
     def encode(self) -> str:
-        raw = [self.start.isoformat(), self.to.isoformat(), _text(self.ratio)]
-        return base64.urlsafe_b64encode(json.dumps([*raw, self.vehicle_id]).encode()).decode()
+        ratio = None if self.ratio is None else str(self.ratio)
+        return encode_cursor(self.start.isoformat(), self.to.isoformat(), ratio, self.vehicle_id)
 
     @classmethod
     def decode(cls, text: str) -> Cursor:
-        try:
-            start, to, ratio, vehicle_id = _cursor_fields.validate_json(
-                base64.urlsafe_b64decode(text.encode())
-            )
-        except (ValueError, binascii.Error):  # ValidationError is a ValueError
-            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
+        start, to, ratio, vehicle_id = decode_cursor(text, _cursor_fields)
         return cls(start.astimezone(UTC), to.astimezone(UTC), ratio, vehicle_id)
 
 
-def _text(ratio: Decimal | None) -> str | None:
-    return None if ratio is None else str(ratio)
-
-
 _cursor_fields: TypeAdapter[tuple[datetime, datetime, Decimal | None, str]] = TypeAdapter(
-    # Bounded like the ratios the query returns: a forged cursor is a 400, never a SQL error.
-    tuple[
-        Timestamp,
-        Timestamp,
-        Annotated[Decimal, Field(allow_inf_nan=False, max_digits=24, decimal_places=4)] | None,
-        DeviceId,
-    ]
+    tuple[Timestamp, Timestamp, CursorRatio | None, DeviceId]
 )
 
 
@@ -179,7 +158,7 @@ async def fleet_efficiency(request: web.Request, query: FleetQuery) -> web.Respo
     async with deps.report_slot():
         rows = await pool.fetch(
             sql.FLEET_EFFICIENCY,
-            *_thresholds(request),
+            *_deps(request).settings.efficiency_thresholds,
             start,
             to,
             None if query.status is None else str(query.status),
@@ -215,7 +194,7 @@ async def put_assignment(
     conflict = ApiError(
         409, "assignment_conflict", "the vehicle already has a meter from that time on"
     )
-    try:
+    with writes_refused_as_read_only("meter assignments"):
         async with _deps(request).require_pool().acquire() as conn, conn.transaction():
             await conn.execute(sql.LOCK_VEHICLE_ASSIGNMENTS, vehicle_id)
             current = await conn.fetchrow(sql.OPEN_ASSIGNMENT, vehicle_id)
@@ -229,13 +208,6 @@ async def put_assignment(
                 await conn.execute(sql.OPEN_NEW_ASSIGNMENT, vehicle_id, meter_id, start)
             except asyncpg.ExclusionViolationError:  # the trigger: overlaps a closed assignment
                 raise conflict from None
-    except (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError):
-        # A login without write grants (sql/009's fleet_reader), or a read-only replica.
-        raise ApiError(
-            403,
-            "read_only",
-            "the API's database role may not write: meter assignments are read-only here",
-        ) from None
     return _ok(answer, status=201)
 
 

@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
@@ -27,6 +28,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     RootModel,
+    TypeAdapter,
     ValidationError,
     WithJsonSchema,
 )
@@ -369,18 +371,18 @@ def encode_cursor(*key: str | None) -> str:
     return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
 
 
-def decode_cursor(text: str, size: int) -> list[str | None]:
+Key = TypeVar("Key")
+# A cursor's ratio, bounded like the ratios the queries return: a forged one is a 400,
+# never a SQL error.
+CursorRatio = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=24, decimal_places=4)]
+
+
+def decode_cursor(text: str, key: TypeAdapter[Key]) -> Key:
+    """The sort key a cursor of encode_cursor carries, validated; invalid_cursor if forged."""
     try:
-        key = json.loads(base64.urlsafe_b64decode(text.encode()))
-    except (ValueError, binascii.Error):
-        key = None
-    if not (
-        isinstance(key, list)
-        and len(key) == size
-        and all(k is None or (isinstance(k, str) and len(k) <= 200) for k in key)
-    ):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
-    return key
+        return key.validate_json(base64.urlsafe_b64decode(text.encode()))
+    except (ValueError, binascii.Error):  # ValidationError is a ValueError
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
 
 
 class Page(QueryModel):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import asyncpg
 
 
 class ApiError(Exception):
@@ -18,3 +21,15 @@ class ApiError(Exception):
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
+
+
+@contextlib.contextmanager
+def writes_refused_as_read_only(what: str) -> Iterator[None]:
+    """A write the database refuses for its login (sql/009's fleet_reader) or because it is a
+    read-only replica: 403 read_only, nothing changed."""
+    try:
+        yield
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError):
+        raise ApiError(
+            403, "read_only", f"the API's database role may not write: {what} are read-only here"
+        ) from None

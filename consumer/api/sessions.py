@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -27,6 +27,7 @@ from consumer.api.contract import (
     ChargerHealth,
     ChargerPage,
     ChargersQuery,
+    CursorRatio,
     MeterPath,
     Session,
     SessionPage,
@@ -37,11 +38,15 @@ from consumer.api.contract import (
     encode_cursor,
 )
 from consumer.api.deps import DEPS
-from consumer.api.errors import ApiError
+from consumer.api.errors import ApiError, writes_refused_as_read_only
 from consumer.api.operation import Answer, Operation
-from consumer.models import Timestamp
+from consumer.models import DeviceId, Timestamp
 
-_INSTANT: TypeAdapter[datetime] = TypeAdapter(Timestamp)
+# The sort keys the cursors carry: (started or opened at, id) and (average, meter id).
+_AT_AND_ID: TypeAdapter[tuple[datetime, UUID]] = TypeAdapter(tuple[Timestamp, UUID])
+_WORST_FIRST: TypeAdapter[tuple[Decimal | None, str]] = TypeAdapter(
+    tuple[CursorRatio | None, DeviceId]
+)
 
 _SESSION_COLUMNS = """
 session_id::text, vehicle_id, meter_id, started_at, ended_at, state, kwh_delivered_dc,
@@ -103,6 +108,11 @@ def _page_size(request: web.Request, limit: int | None) -> int:
     return limit or request.app[DEPS].settings.fleet_report_page_size
 
 
+def _after(cursor: str | None) -> tuple[datetime | None, UUID | None]:
+    """Where a newest-first page resumes: the last row's (time, id), or the start."""
+    return (None, None) if cursor is None else decode_cursor(cursor, _AT_AND_ID)
+
+
 def _session(row: asyncpg.Record) -> Session:
     return Session.model_validate(dict(row))
 
@@ -115,9 +125,7 @@ def sessions_of(device: str) -> Any:
         request: web.Request, path: VehiclePath | MeterPath, query: SessionsQuery
     ) -> web.Response:
         size = _page_size(request, query.limit)
-        after: list[Any] = [None, None]
-        if query.cursor is not None:
-            after = _instant_and_id(decode_cursor(query.cursor, 2))
+        after = _after(query.cursor)
         pool = request.app[DEPS].require_pool()
         rows = await pool.fetch(statement, path.device_id, query.from_, query.to, *after, size + 1)
         page = [_session(r) for r in rows[:size]]
@@ -126,14 +134,6 @@ def sessions_of(device: str) -> Any:
         return _ok(SessionPage(sessions=page, next_cursor=cursor))
 
     return handler
-
-
-def _instant_and_id(key: list[str | None]) -> list[Any]:
-    """A (timestamp, uuid) cursor key, checked: a forged one is a 400, never a SQL error."""
-    try:
-        return [_INSTANT.validate_python(key[0]), UUID(str(key[1]))]
-    except ValueError:  # pydantic's ValidationError is one
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
 
 
 async def session(request: web.Request, path: SessionPath) -> web.Response:
@@ -148,13 +148,7 @@ async def chargers(request: web.Request, query: ChargersQuery) -> web.Response:
     average: Decimal | None = None
     meter_id: str | None = None
     if query.cursor is not None:
-        text, meter_id = decode_cursor(query.cursor, 2)
-        try:
-            average = None if text is None else Decimal(text)
-        except InvalidOperation:
-            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
-        if meter_id is None or (average is not None and not average.is_finite()):
-            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
+        average, meter_id = decode_cursor(query.cursor, _WORST_FIRST)
     status = None if query.status is None else str(query.status)
     rows = (
         await request.app[DEPS].require_pool().fetch(_CHARGERS, status, average, meter_id, size + 1)
@@ -176,9 +170,7 @@ def _alert(row: asyncpg.Record) -> Alert:
 
 async def alerts(request: web.Request, query: AlertsQuery) -> web.Response:
     size = _page_size(request, query.limit)
-    after: list[Any] = [None, None]
-    if query.cursor is not None:
-        after = _instant_and_id(decode_cursor(query.cursor, 2))
+    after = _after(query.cursor)
     rows = (
         await request.app[DEPS]
         .require_pool()
@@ -200,17 +192,13 @@ async def alerts(request: web.Request, query: AlertsQuery) -> web.Response:
 
 async def acknowledge(request: web.Request, path: AlertPath) -> web.Response:
     """open -> acknowledged, with its transition; acknowledging twice changes nothing."""
-    try:
+    with writes_refused_as_read_only("alerts"):
         async with request.app[DEPS].require_pool().acquire() as conn, conn.transaction():
             row = await conn.fetchrow(_ACKNOWLEDGE, path.alert_id)
             if row is not None:
                 await conn.execute(_ACK_TRANSITION, path.alert_id)
                 return _ok(_alert(row))
             row = await conn.fetchrow(_ALERT, path.alert_id)
-    except (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError):
-        raise ApiError(
-            403, "read_only", "the API's database role may not write: alerts are read-only here"
-        ) from None
     if row is None:
         raise ApiError(404, "alert_not_found", "no alert with this id")
     if row["state"] == "resolved":
