@@ -197,7 +197,7 @@ def charger_walk(  # noqa: PLR0917 -- the columns of one row of _RATED_SESSIONS
 
 
 # The readings since each mark, with the few before it that a run of hot readings may
-# have started with; only for vehicles that were hot since, or have an unresolved alert.
+# have started with.
 _TEMPERATURES = """
 SELECT r.vehicle_id, array_agg(r.ts ORDER BY r.ts) AS ts, array_agg(r.temp ORDER BY r.ts) AS temps
   FROM unnest($1::text[], $2::timestamptz[]) AS m(vehicle_id, since)
@@ -209,7 +209,6 @@ SELECT r.vehicle_id, array_agg(r.ts ORDER BY r.ts) AS ts, array_agg(r.temp ORDER
        (SELECT h.vehicle_id, h."timestamp", h.battery_temp FROM vehicle_history h
          WHERE h.vehicle_id = m.vehicle_id AND h."timestamp" >= m.since)) r
  GROUP BY r.vehicle_id
-HAVING max(r.temp) >= $4::numeric OR r.vehicle_id = ANY($5::text[])
 """
 # Only the devices whose silence alert must change: quiet without one, or back with one.
 # The watermark is read in the same statement as the live rows: one snapshot, so a
@@ -246,9 +245,11 @@ async def evaluate(
     settings: Settings,
     *,
     meters: list[str],
-    vehicles: list[tuple[str, datetime]],
+    vehicles: list[tuple[str, datetime, Decimal]],
 ) -> None:
-    """Run every rule over what changed in this cycle and record the transitions."""
+    """Run every rule over what changed in this cycle and record the transitions.
+
+    vehicles: (id, earliest new reading, hottest new reading) of each marked vehicle."""
     s = settings
     changes: list[Change] = []
     if meters:
@@ -277,15 +278,16 @@ async def evaluate(
             [h.last_session_at for _, h in kept],
         )
     if vehicles:
-        ids = [v for v, _ in vehicles]
-        hot = await _unresolved(conn, [Kind.BATTERY_OVERHEAT], ids)
+        hot = await _unresolved(conn, [Kind.BATTERY_OVERHEAT], [v for v, _, _ in vehicles])
+        # Only a hot new reading can open an alert and only an open one can resolve: the
+        # other vehicles' readings are not read at all.
+        hot_c = Decimal(str(s.overheat_c))
+        watched = [(v, since) for v, since, hottest in vehicles if hottest >= hot_c or v in hot]
         rows = await conn.fetch(
             _TEMPERATURES,
-            ids,
-            [since for _, since in vehicles],
+            [v for v, _ in watched],
+            [since for _, since in watched],
             s.overheat_readings - 1,
-            Decimal(str(s.overheat_c)),
-            list(hot),
         )
         for row in rows:
             readings = list(zip(row["ts"], row["temps"], strict=True))

@@ -117,6 +117,11 @@ SESSIONS_WATERMARK = Gauge(
 SESSIONS_CYCLE_SECONDS = Histogram(
     "fleet_sessions_cycle_seconds", "One sessions-worker cycle (marks, sessions, alerts)"
 )
+SESSIONS_PENDING = Gauge(
+    "fleet_sessions_pending_batches",
+    "Batches whose marks the sessions worker has not taken yet (sessions and hourly totals "
+    "trail the write path by these)",
+)
 SESSIONS_ERRORS = Counter("fleet_sessions_errors_total", "Sessions-worker cycles that failed")
 ALERTS_OPEN = Gauge("fleet_alerts_open", "Unresolved alerts (open or acknowledged)", ["kind"])
 ALERT_TRANSITIONS = Counter(

@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownError
 from consumer import metrics
 from consumer.alerts import AlertPublisher
 from consumer.api.app import make_app, make_metrics_app
-from consumer.api.deps import ApiDeps
+from consumer.api.deps import API_SERVER_SETTINGS, ApiDeps
 from consumer.api.replica import ReplicaLag, as_of_header
 from consumer.api.routes import api_routes
 from consumer.api.security import configured_tokens, security_middlewares
@@ -283,6 +283,7 @@ class Service:
             timeout=s.db_command_timeout_seconds,
             command_timeout=s.db_command_timeout_seconds,
             server_settings={
+                **API_SERVER_SETTINGS,
                 "application_name": f"fleet-api {member_name()}"[:63],
                 # The server ends a query past this (503 query_timeout): a heavy report
                 # cannot hold a connection, or a replica's replay, for long.

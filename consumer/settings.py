@@ -148,7 +148,10 @@ class Settings(BaseSettings):
     # How long the watermark waits for late readings before it closes a session.
     session_lateness_minutes: float = Field(default=2.0, ge=0)
     sessions_interval_seconds: float = Field(default=1.0, gt=0)
-    sessions_max_devices_per_cycle: int = Field(default=5000, ge=1)
+    # A cycle takes at most this many batches' marks (all their devices at once).
+    sessions_max_batches_per_cycle: int = Field(default=200, ge=1)
+    # While behind a busy write path, the share of the time the worker may spend in cycles.
+    sessions_max_busy_fraction: float = Field(default=0.1, gt=0, le=1)
     # charger_efficiency_low / meter_overreporting: the average of a meter's last N closed
     # sessions against the efficiency thresholds, resolved only past this margin.
     alert_sessions: int = Field(default=3, ge=1)

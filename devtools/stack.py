@@ -8,12 +8,14 @@ embedded ``pgserver`` when the machine has none. Both are dev extras.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -95,6 +97,20 @@ def start_broker(log_dir: Path, port: int | None = None) -> Broker:
     log_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     return Broker(port, log_dir / f"tansu-{port}.log").start()
+
+
+@contextlib.contextmanager
+def configured_or_local_broker(log_dir: Path) -> Iterator[str]:
+    """FLEET_KAFKA_BOOTSTRAP_SERVERS when set, else a local broker's, stopped at the end."""
+    configured = os.environ.get("FLEET_KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        yield configured
+        return
+    broker = start_broker(log_dir)
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()
 
 
 def settings_env(s: Settings) -> dict[str, str]:

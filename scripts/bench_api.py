@@ -1,4 +1,4 @@
-"""Read-side benchmark: latency of GET /v1/analytics/performance/{vehicleId} on 10M history rows.
+"""Read-side benchmark: the performance query and the fleet report on 10M history rows.
 
 1. Fresh database `fleet_bench_api`: 10,000 vehicles x 500 readings and 10,000 meters
    x 500 readings at 1-minute steps (time-ordered, as ingestion writes them), one meter
@@ -6,7 +6,10 @@
 2. The API alone in a child process (make_app + analytics routes on a free port).
 3. N concurrent clients ask for random vehicles over the 24 h window ending after the
    last reading (every request aggregates 500 vehicle rows and 500 meter rows).
+4. One client walks every page of GET /v1/analytics/fleet/efficiency over the same window,
+   three times (the hourly totals are built as `migrate` builds them on an existing history).
 Prints the plan of one request and the latency percentiles; the last line is JSON.
+--readings 2500 gives 50M rows.
 
 Client, API and PostgreSQL share this machine's cores: the figures are for all three.
 """
@@ -24,6 +27,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -33,20 +37,22 @@ from pydantic import SecretStr
 from consumer.api import analytics_sql
 from consumer.api.analytics import analytics_routes
 from consumer.api.app import make_app
-from consumer.api.deps import ApiDeps
+from consumer.api.deps import API_SERVER_SETTINGS, ApiDeps
 from consumer.settings import Settings
 from devtools.stack import free_port, fresh_database
 
 DATABASE = "fleet_bench_api"
-READINGS = 500  # per device, one a minute
+ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _load(admin_dsn: str, devices: int, workers: int) -> tuple[str, datetime, int, int]:
+async def _load(
+    admin_dsn: str, devices: int, readings: int, workers: int
+) -> tuple[str, datetime, int, int]:
     dsn = await fresh_database(admin_dsn, DATABASE)
     # The last reading a few minutes ago, so every row is in a prepared monthly partition.
     end = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
-    start = end - timedelta(minutes=READINGS)
-    total = devices * READINGS
+    start = end - timedelta(minutes=readings)
+    total = devices * readings
     # Row i is device i % devices at minute i / devices: time-ordered, like live ingestion.
     vehicle_sql = (
         'INSERT INTO vehicle_history (vehicle_id, soc, kwh_delivered_dc, battery_temp, "timestamp") '
@@ -83,6 +89,17 @@ async def _load(admin_dsn: str, devices: int, workers: int) -> tuple[str, dateti
             start + (end - start) / 2,
             devices,
         )
+        print(f"loaded history in {time.perf_counter() - began:.0f} s", flush=True)
+        built = time.perf_counter()
+        await conn.execute(  # what migrate (sql/014) does on a history it finds
+            "SELECT fleet_refresh_hourly("
+            " (SELECT array_agg('v-' || i) FROM generate_series(0, $1 - 1) i),"
+            " (SELECT array_agg('-infinity'::timestamptz) FROM generate_series(1, $1)),"
+            " (SELECT array_agg('m-' || i) FROM generate_series(0, $1 - 1) i),"
+            " (SELECT array_agg('-infinity'::timestamptz) FROM generate_series(1, $1)))",
+            devices,
+        )
+        print(f"built the hourly totals in {time.perf_counter() - built:.0f} s", flush=True)
         # As autovacuum would: the visibility map lets the sums be index-only scans.
         await conn.execute("VACUUM (ANALYZE)")
         rows_vehicle = await conn.fetchval("SELECT count(*) FROM vehicle_history")
@@ -95,6 +112,25 @@ async def _load(admin_dsn: str, devices: int, workers: int) -> tuple[str, dateti
         flush=True,
     )
     return dsn, end, rows_vehicle, rows_meter
+
+
+async def _walk_fleet(base: str, start: datetime, end: datetime, walks: int) -> list[float]:
+    """Every page of the fleet report over [start, end), `walks` times; each page's latency."""
+    latencies: list[float] = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(walks):
+            params = {"from": start.isoformat(), "to": end.isoformat()}
+            while True:
+                t0 = time.perf_counter()
+                async with http.get(f"{base}/v1/analytics/fleet/efficiency", params=params) as resp:
+                    body = await resp.json()
+                    if resp.status != 200:
+                        raise SystemExit(f"fleet report: HTTP {resp.status} {body}")
+                latencies.append(time.perf_counter() - t0)
+                if body["nextCursor"] is None:
+                    break
+                params = {"cursor": body["nextCursor"]}
+    return latencies
 
 
 async def _print_plan(dsn: str, vehicle: str, start: datetime, end: datetime) -> None:
@@ -116,7 +152,9 @@ async def _print_plan(dsn: str, vehicle: str, start: datetime, end: datetime) ->
 
 async def _serve(dsn: str, port: int, pool_size: int) -> None:
     """The API alone, until killed."""
-    pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=pool_size, max_size=pool_size, server_settings=API_SERVER_SETTINGS
+    )
     settings = Settings(database_url=SecretStr(dsn))
     app = make_app({}, deps=ApiDeps(settings, pool=pool), routes=analytics_routes())
     runner = web.AppRunner(app, access_log=None)
@@ -166,6 +204,7 @@ async def main() -> None:
         ),
     )
     parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--readings", type=int, default=500, help="per device, a minute apart")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--workers", type=int, default=4, help="parallel loading connections")
@@ -176,7 +215,9 @@ async def main() -> None:
         await _serve(args.serve, args.port, args.concurrency)
         return
 
-    dsn, end, rows_vehicle, rows_meter = await _load(args.admin_dsn, args.devices, args.workers)
+    dsn, end, rows_vehicle, rows_meter = await _load(
+        args.admin_dsn, args.devices, args.readings, args.workers
+    )
     start = end + timedelta(minutes=10) - timedelta(hours=24)
     window_end = end + timedelta(minutes=10)
     await _print_plan(dsn, "v-10", start, window_end)
@@ -185,7 +226,8 @@ async def main() -> None:
     server = subprocess.Popen(
         [
             sys.executable,
-            __file__,
+            "-m",  # as this script runs: scripts/ and devtools/ are not installed packages
+            "scripts.bench_api",
             "--serve",
             dsn,
             "--port",
@@ -194,6 +236,7 @@ async def main() -> None:
             str(args.concurrency),
         ],
         stdout=subprocess.PIPE,
+        cwd=ROOT,
     )
     try:
         assert server.stdout is not None  # noqa: S101 -- piped just above
@@ -206,6 +249,8 @@ async def main() -> None:
             base, **window, requests=args.requests, concurrency=args.concurrency
         )
         elapsed = time.perf_counter() - began
+        await _walk_fleet(base, start, window_end, walks=1)  # warm-up
+        pages = sorted(x * 1000 for x in await _walk_fleet(base, start, window_end, walks=3))
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -214,6 +259,11 @@ async def main() -> None:
     print(
         f"{len(ms)} requests, {args.concurrency} concurrent, {len(ms) / elapsed:.0f} req/s, "
         f"mean {statistics.fmean(ms):.2f} ms",
+        flush=True,
+    )
+    print(
+        f"fleet report: {len(pages)} pages of 100 vehicles, one client, "
+        f"p50 {_percentile(pages, 50)} ms, p99 {_percentile(pages, 99)} ms, max {pages[-1]:.1f} ms",
         flush=True,
     )
     print(
@@ -227,6 +277,8 @@ async def main() -> None:
                 "rows_vehicle": rows_vehicle,
                 "rows_meter": rows_meter,
                 "requests_per_second": round(len(ms) / elapsed, 1),
+                "fleet_page_p50_ms": _percentile(pages, 50),
+                "fleet_page_p99_ms": _percentile(pages, 99),
             }
         )
     )

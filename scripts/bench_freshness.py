@@ -36,10 +36,10 @@ from aiokafka import AIOKafkaProducer
 from consumer.kafka import ensure_topics
 from devtools.processes import ConsumerProcess
 from devtools.stack import (
+    configured_or_local_broker,
     free_port,
     fresh_database,
     postgres_reachable,
-    start_broker,
     start_embedded_postgres,
     wait_for_port,
 )
@@ -177,6 +177,16 @@ async def run_level(
     }
 
 
+async def admin_database() -> str:
+    """This machine's PostgreSQL (FLEET_BENCH_ADMIN_DSN), else an embedded one."""
+    admin_dsn = os.environ.get(
+        "FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    if not await postgres_reachable(admin_dsn):
+        admin_dsn = start_embedded_postgres(WORK / "pgdata")
+    return admin_dsn
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -188,18 +198,9 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=8)
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
-    broker = None
-    bootstrap = os.environ.get("FLEET_KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
-        broker = start_broker(WORK)
-        bootstrap = broker.bootstrap_servers
-    admin_dsn = os.environ.get(
-        "FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-    if not await postgres_reachable(admin_dsn):
-        admin_dsn = start_embedded_postgres(WORK / "pgdata")
+    admin_dsn = await admin_database()
     results = []
-    try:
+    with configured_or_local_broker(WORK) as bootstrap:
         for rate in (int(r) for r in args.rates.split(",")):
             result = await run_level(bootstrap, admin_dsn, rate, args.seconds, args.partitions)
             results.append(result)
@@ -209,9 +210,6 @@ async def main() -> None:
                 f"p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
                 f"max {result['max_ms']} ms over {result['probes']} probes"
             )
-    finally:
-        if broker is not None:
-            broker.stop()
     print(f"machine: {os.cpu_count()} cores shared by broker, PostgreSQL, consumer, simulator")
     print(json.dumps({"freshness": results, "cores": os.cpu_count()}))
 

@@ -71,9 +71,7 @@ async def _show_alerts(dsn: str, timeout: float = 60) -> None:
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not await conn.fetchval(
-                "SELECT count(*) FROM session_marks WHERE since > now() - interval '1 day'"
-            ):
+            if not await conn.fetchval("SELECT count(*) FROM batch_marks"):
                 break
             await asyncio.sleep(0.5)
         sessions = await conn.fetchval("SELECT count(*) FROM charging_sessions")

@@ -169,7 +169,7 @@ async def _settled(conn: asyncpg.Connection, timeout: float = 600) -> None:
     deadline, quiet_since = loop.time() + timeout, None
     while loop.time() < deadline:
         pending = await conn.fetchval(
-            "SELECT (SELECT count(*) FROM session_marks) + (SELECT count(*) FROM meter_marks)"
+            "SELECT (SELECT count(*) FROM batch_marks)"
             " + (SELECT count(*) FROM alert_transitions WHERE published_at IS NULL)"
         )
         if pending == 0:

@@ -66,12 +66,14 @@ def _window(request: web.Request, query: WindowQuery) -> tuple[datetime, datetim
     return start, to
 
 
-def _check_window(request: web.Request, start: datetime, to: datetime) -> None:
+def _check_window(
+    request: web.Request, start: datetime, to: datetime, *, slack: timedelta = timedelta(0)
+) -> None:
     """A valid window, charged to the client's rate limit by its length (a unit per day)."""
     max_days = _deps(request).settings.analytics_max_window_days
     if start >= to:
         raise ApiError(400, "invalid_window", "from must be before to")
-    if to - start > timedelta(days=max_days):
+    if to - start > timedelta(days=max_days) + slack:
         raise ApiError(400, "window_too_large", f"the window may span at most {max_days} days")
     charge(request, (to - start) / timedelta(days=1))
 
@@ -141,18 +143,28 @@ _cursor_fields: TypeAdapter[tuple[datetime, datetime, Decimal | None, str]] = Ty
 )
 
 
+def _whole_hours(start: datetime, to: datetime) -> tuple[datetime, datetime]:
+    """The fleet report's window: [from, to) widened to whole UTC hours, the resolution of
+    the hourly totals it reads (sql/014)."""
+    floor = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    ceiling = to.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return floor, ceiling if ceiling == to else ceiling + _HOUR
+
+
+_HOUR = timedelta(hours=1)
+
+
 async def fleet_efficiency(request: web.Request, query: FleetQuery) -> web.Response:
     limit = query.limit or _deps(request).settings.fleet_report_page_size
     cursor = None if query.cursor is None else Cursor.decode(query.cursor)
     if cursor is None:
-        start, to = _window(request, query)
+        start, to = _whole_hours(*_window(request, query))
     else:
         # The cursor pins the window; a from/to sent along must be the same one.
         start, to = cursor.start, cursor.to
-        for sent, pinned in ((query.from_, start), (query.to, to)):
-            if sent is not None and sent != pinned:
-                raise ApiError(400, "invalid_cursor", "cursor belongs to a different window")
-        _check_window(request, start, to)
+        if _whole_hours(query.from_ or start, query.to or to) != (start, to):
+            raise ApiError(400, "invalid_cursor", "cursor belongs to a different window")
+        _check_window(request, start, to, slack=2 * _HOUR)  # widened by up to an hour each side
     deps = _deps(request)
     pool = deps.require_pool()
     async with deps.report_slot():
@@ -174,7 +186,7 @@ async def fleet_efficiency(request: web.Request, query: FleetQuery) -> web.Respo
     vehicles = [
         FleetVehicle(
             vehicle_id=r["vehicle_id"],
-            meter_ids=list(r["meter_ids"]),
+            meter_ids=list(dict.fromkeys(r["meter_ids"])),  # each once, in order of first use
             total_kwh_delivered_dc=r["dc"],
             total_kwh_consumed_ac=r["ac"],
             efficiency_ratio=r["ratio"],

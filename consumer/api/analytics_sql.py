@@ -75,45 +75,90 @@ SELECT meter_ids, round(dc, 3) AS dc, CASE WHEN linked THEN round(ac, 3) END AS 
   FROM classified
 """
 
-# $4 from, $5 to, $6 status filter (NULL: all), $7 cursor ratio, $8 cursor vehicle id
-# (NULL: first page), $9 page size. Order: lowest ratio first, NULL ratios last,
+# $4 from, $5 to (whole UTC hours), $6 status filter (NULL: all), $7 cursor ratio, $8 cursor
+# vehicle id (NULL: first page), $9 page size. Order: lowest ratio first, NULL ratios last,
 # then vehicle id; the cursor is the last row's (ratio, vehicle id).
+#
+# From the hourly totals (sql/014), not history: a device's energy over [a, b) is its running
+# total before b less its running total before a, each its row of the hour just before (one
+# row per device, by index) or, for a device without one, its latest row before. A span of
+# an assignment that starts or ends inside the window (the vehicle moved to another meter)
+# reads history for the part of an hour it covers. In Wh, exact integers, until the end.
+# meter_ids comes in span order, a meter repeated if the vehicle came back to it.
+_BEFORE = """(SELECT h.through_{what} FROM {table} h
+      WHERE h.{device} = {key} AND h.hour < {at} ORDER BY h.hour DESC LIMIT 1)"""
+
+
+def _before(table: str, device: str, key: str, at: str, what: str = "wh") -> str:
+    return _BEFORE.format(what=what, table=table, device=device, key=key, at=at)
+
+
+def _metered(after: str, before: str) -> str:
+    """A meter's Wh over [after, before) from history: the part of an hour a span covers."""
+    return f"""coalesce((SELECT (1000 * sum(h.kwh_consumed_ac))::bigint FROM meter_history h
+      WHERE h.meter_id = s.meter_id AND h."timestamp" >= {after} AND h."timestamp" < {before}
+        AND h."timestamp" >= $4::timestamptz AND h."timestamp" < $5::timestamptz), 0)"""
+
+
+_EARLIER = "$4::timestamptz > fh.at"  # no row is before the first one: no probe needed
 FLEET_EFFICIENCY = f"""
-WITH spans AS (
-    SELECT vehicle_id, meter_id,
-           greatest(valid_from, $4::timestamptz) AS lo,
-           least(coalesce(valid_to, $5::timestamptz), $5::timestamptz) AS hi
-      FROM vehicle_meter_assignments
-     WHERE valid_from < $5::timestamptz AND (valid_to IS NULL OR valid_to > $4::timestamptz)
+WITH spans AS NOT MATERIALIZED (  -- inlined: the planner sees the assignments' statistics
+    SELECT vehicle_id, meter_id, lo, hi,
+           -- the span's whole hours: [first_hour, last_hour)
+           fleet_hour(lo - interval '1 microsecond') + interval '1 hour' AS first_hour,
+           fleet_hour(hi) AS last_hour
+      FROM (SELECT vehicle_id, meter_id,
+                   greatest(valid_from, $4::timestamptz) AS lo,
+                   least(coalesce(valid_to, $5::timestamptz), $5::timestamptz) AS hi
+              FROM vehicle_meter_assignments
+             WHERE valid_from < $5::timestamptz AND (valid_to IS NULL OR valid_to > $4::timestamptz)) a
 ),
+first_hour AS (SELECT least((SELECT min(hour) FROM vehicle_hourly),
+                            (SELECT min(hour) FROM meter_hourly)) AS at),
 vehicle AS (
-    SELECT h.vehicle_id, sum(h.kwh_delivered_dc) AS dc
-      FROM vehicle_history h
-     WHERE h."timestamp" >= $4::timestamptz AND h."timestamp" < $5::timestamptz
-       AND h.vehicle_id IN (SELECT vehicle_id FROM spans)
-     GROUP BY h.vehicle_id
+    SELECT v.vehicle_id,
+           coalesce(t.through_wh, {_before("vehicle_hourly", "vehicle_id", "v.vehicle_id", "$5::timestamptz")})
+         - coalesce(f.through_wh, CASE WHEN {_EARLIER} THEN {_before("vehicle_hourly", "vehicle_id", "v.vehicle_id", "$4::timestamptz")} END, 0) AS wh,
+           coalesce(t.through_readings, {_before("vehicle_hourly", "vehicle_id", "v.vehicle_id", "$5::timestamptz", "readings")})
+         - coalesce(f.through_readings, CASE WHEN {_EARLIER} THEN {_before("vehicle_hourly", "vehicle_id", "v.vehicle_id", "$4::timestamptz", "readings")} END, 0) AS readings
+      FROM (SELECT DISTINCT vehicle_id FROM spans) v
+     CROSS JOIN first_hour fh
+      LEFT JOIN vehicle_hourly t ON t.vehicle_id = v.vehicle_id AND t.hour = $5::timestamptz - interval '1 hour'
+      LEFT JOIN vehicle_hourly f ON f.vehicle_id = v.vehicle_id AND f.hour = $4::timestamptz - interval '1 hour'
+),
+span_wh AS (
+    SELECT s.vehicle_id, s.meter_id, s.lo,
+           CASE WHEN s.lo = $4::timestamptz AND s.hi = $5::timestamptz THEN
+                coalesce(t.through_wh, {_before("meter_hourly", "meter_id", "s.meter_id", "$5::timestamptz")}, 0)
+              - coalesce(f.through_wh, CASE WHEN {_EARLIER} THEN {_before("meter_hourly", "meter_id", "s.meter_id", "$4::timestamptz")} END, 0)
+           ELSE
+                CASE WHEN s.first_hour < s.last_hour THEN
+                    coalesce({_before("meter_hourly", "meter_id", "s.meter_id", "s.last_hour")}, 0)
+                  - coalesce({_before("meter_hourly", "meter_id", "s.meter_id", "s.first_hour")}, 0)
+                ELSE 0 END
+              + CASE WHEN s.lo < s.first_hour THEN {_metered("s.lo", "least(s.first_hour, s.hi)")} ELSE 0 END
+              + CASE WHEN s.hi > greatest(s.last_hour, s.first_hour)
+                     THEN {_metered("greatest(s.last_hour, s.first_hour)", "s.hi")} ELSE 0 END
+           END AS wh
+      FROM spans s
+     CROSS JOIN first_hour fh
+      LEFT JOIN meter_hourly t ON t.meter_id = s.meter_id AND t.hour = $5::timestamptz - interval '1 hour'
+      LEFT JOIN meter_hourly f ON f.meter_id = s.meter_id AND f.hour = $4::timestamptz - interval '1 hour'
 ),
 meter AS (
-    SELECT s.vehicle_id, coalesce(sum(h.kwh_consumed_ac), 0) AS ac
-      FROM spans s
-      LEFT JOIN meter_history h
-        ON h.meter_id = s.meter_id AND h."timestamp" >= s.lo AND h."timestamp" < s.hi
-       AND h."timestamp" >= $4::timestamptz AND h."timestamp" < $5::timestamptz  -- prunes months
-     GROUP BY s.vehicle_id
-),
-meter_ids AS (
-    SELECT vehicle_id, array_agg(meter_id ORDER BY first_used) AS ids
-      FROM (SELECT vehicle_id, meter_id, min(lo) AS first_used FROM spans GROUP BY 1, 2) u
+    SELECT vehicle_id, array_agg(meter_id ORDER BY lo) AS meter_ids, sum(wh) AS wh
+      FROM span_wh
      GROUP BY vehicle_id
 ),
 totals AS (
-    SELECT v.vehicle_id, i.ids AS meter_ids, v.dc, true AS linked, m.ac
+    SELECT v.vehicle_id, m.meter_ids, true AS linked,
+           (v.wh::numeric / 1000)::numeric(20,3) AS dc, (m.wh / 1000)::numeric(20,3) AS ac
       FROM vehicle v
-      JOIN meter m USING (vehicle_id)
-      JOIN meter_ids i USING (vehicle_id)
+      JOIN meter m ON m.vehicle_id = v.vehicle_id
+     WHERE v.readings > 0  -- readings in the window
 ),
 {_CLASSIFIED}
-SELECT vehicle_id, meter_ids, round(dc, 3) AS dc, round(ac, 3) AS ac, ratio, status
+SELECT vehicle_id, meter_ids, dc, ac, ratio, status
   FROM classified
  WHERE ($6::text IS NULL OR status = $6::text)
    AND ($8::text IS NULL

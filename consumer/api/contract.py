@@ -321,8 +321,11 @@ class FleetVehicle(ApiModel):
 
 
 class FleetEfficiency(ApiModel):
-    from_: UtcInstant = Field()
-    to: UtcInstant
+    """The report reads hourly totals: its window is the one asked for, widened to whole UTC
+    hours (from down, to up); these are the instants it covers."""
+
+    from_: UtcInstant = Field(description="Start of the window covered: a whole UTC hour.")
+    to: UtcInstant = Field(description="End of the window covered (exclusive): a whole UTC hour.")
     vehicles: list[FleetVehicle]
     next_cursor: str | None
 

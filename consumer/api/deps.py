@@ -15,6 +15,10 @@ from aiokafka import AIOKafkaProducer
 from consumer.api.errors import ApiError
 from consumer.settings import Settings
 
+# For every connection of the API's pool. Its queries are short and index-driven: compiling
+# one with JIT (which the fleet report's cost estimate triggers) takes longer than running it.
+API_SERVER_SETTINGS = {"jit": "off"}
+
 
 @dataclass
 class ApiDeps:

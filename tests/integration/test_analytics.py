@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -56,6 +56,25 @@ async def add_vehicle(
         step,
         count,
     )
+    await keep_hourly_totals(db, vehicles=[(vehicle, start)])
+
+
+async def keep_hourly_totals(
+    db: asyncpg.Connection,
+    *,
+    vehicles: Sequence[tuple[str, datetime]] = (),
+    meters: Sequence[tuple[str, datetime]] = (),
+) -> None:
+    """What the sessions worker does once a batch with these devices' readings from these
+    times on has committed: recompute their hourly totals (sql/014), which the fleet
+    report reads."""
+    await db.execute(
+        "SELECT fleet_refresh_hourly($1, $2, $3, $4)",
+        [v for v, _ in vehicles],
+        [t for _, t in vehicles],
+        [m for m, _ in meters],
+        [t for _, t in meters],
+    )
 
 
 async def add_meter(
@@ -76,6 +95,7 @@ async def add_meter(
         step,
         count,
     )
+    await keep_hourly_totals(db, meters=[(meter, start)])
 
 
 async def assign(

@@ -606,7 +606,7 @@ async def test_the_init_script_creates_the_logins_that_migrate_consume_and_serve
                 await SessionWorker(pool, settings).cycle()  # as fleet_sessions_worker
             finally:
                 await pool.close()
-            assert await owner.fetchval("SELECT count(*) FROM meter_marks") == 0
+            assert await owner.fetchval("SELECT count(*) FROM batch_marks") == 0
         finally:
             await owner.close()
 

@@ -359,9 +359,10 @@ def report_settings(settings: Settings, statement_timeout_ms: int) -> Settings:
 
 @pytest.fixture
 async def history_locked(db: asyncpg.Connection) -> AsyncIterator[None]:
-    """vehicle_history locked: every report waits, standing for reports that take long."""
+    """The hourly totals the fleet report reads (sql/014) locked: every report waits,
+    standing for reports that take long."""
     async with db.transaction():
-        await db.execute("LOCK TABLE vehicle_history IN ACCESS EXCLUSIVE MODE")
+        await db.execute("LOCK TABLE vehicle_hourly IN ACCESS EXCLUSIVE MODE")
         yield
 
 

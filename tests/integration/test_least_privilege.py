@@ -58,11 +58,9 @@ GRANTS = {
         for table in ("meter_live", "vehicle_live", "consumer_offsets")
         for privilege in ("SELECT", "INSERT", "UPDATE")
     ),
-    # sql/012: the batch's marks for the sessions worker, appended only
-    ("fleet_writer", "session_marks", "INSERT"),
-    ("fleet_writer", "meter_marks", "INSERT"),
-    ("fleet_writer", "session_marks_id_seq", "USAGE"),
-    ("fleet_writer", "meter_marks_id_seq", "USAGE"),
+    # sql/013: the batch's mark for the sessions worker, appended only
+    ("fleet_writer", "batch_marks", "INSERT"),
+    ("fleet_writer", "batch_marks_id_seq", "USAGE"),
     *(
         ("fleet_reader", table, "SELECT")
         for table in (
@@ -75,6 +73,8 @@ GRANTS = {
             "charger_health",
             "alerts",
             "alert_transitions",
+            "vehicle_hourly",  # sql/014: the fleet report's totals
+            "meter_hourly",
         )
     ),
 }
@@ -353,6 +353,10 @@ async def test_api_as_a_fleet_reader_login_serves_reads_and_refuses_writes(
         "INSERT INTO vehicle_meter_assignments (vehicle_id, meter_id, valid_from) VALUES ('v-1', 'm-1', $1)",
         t0 - timedelta(days=1),
     )
+    await db.execute(  # as the sessions worker would: the totals the fleet report reads
+        "SELECT fleet_refresh_hourly('{v-1}', ARRAY[$1::timestamptz], '{m-1}', ARRAY[$1::timestamptz])",
+        t0,
+    )
     await db.execute(
         'INSERT INTO dead_letters (topic, "partition", "offset", reason, detail) '
         "VALUES ('t', 0, 0, 'malformed_json', 'x')"
@@ -473,8 +477,12 @@ async def test_a_plain_login_that_owns_the_database_migrates_it_with_exact_grant
                 ("PUBLIC", "fleet_assignments_do_not_overlap"),  # a trigger's function (sql/005)
                 ("PUBLIC", "fleet_efficiency_status"),  # pure arithmetic (sql/011)
                 ("PUBLIC", "fleet_watermark"),  # reads as its caller (sql/011)
+                ("PUBLIC", "fleet_hour"),  # pure arithmetic (sql/014)
                 *(("fleet_writer", f) for f in (*MAINTENANCE, "fleet_write_batch")),
-                *(("fleet_sessions", f) for f in ("fleet_sessionize", "fleet_recount_sessions")),
+                *(
+                    ("fleet_sessions", f)
+                    for f in ("fleet_sessionize", "fleet_recount_sessions", "fleet_refresh_hourly")
+                ),
             }
             definers = await conn.fetch(
                 "SELECT proname, proconfig FROM pg_proc "

@@ -60,7 +60,7 @@ async def sessionize(pool: asyncpg.Pool, settings: Settings) -> None:
     worker = SessionWorker(pool, settings)
     for _ in range(20):
         await worker.cycle()
-        if not await pool.fetchval("SELECT count(*) FROM session_marks"):
+        if not await pool.fetchval("SELECT count(*) FROM batch_marks"):
             return
     raise AssertionError("marks left after 20 cycles")
 
@@ -155,9 +155,10 @@ async def test_late_and_resent_readings_give_what_a_recomputation_from_history_g
     assert await sessions(db) == [merged]
 
     await db.execute("DELETE FROM charging_sessions")
-    await db.execute(
-        "INSERT INTO session_marks (vehicle_id, since) "
-        'SELECT vehicle_id, min("timestamp") FROM vehicle_history GROUP BY vehicle_id'
+    await db.execute(  # every vehicle marked from its first reading: a full recomputation
+        "INSERT INTO batch_marks (meter_ids, meter_ts, vehicle_ids, vehicle_ts, vehicle_temps) "
+        "SELECT '{}', '{}', array_agg(vehicle_id), array_agg(first), array_agg(0) "
+        'FROM (SELECT vehicle_id, min("timestamp") AS first FROM vehicle_history GROUP BY 1) v'
     )
     await sessionize(pool, settings)
     assert await sessions(db) == [merged]
