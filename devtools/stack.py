@@ -113,6 +113,17 @@ def configured_or_local_broker(log_dir: Path) -> Iterator[str]:
         broker.stop()
 
 
+async def admin_database(work: Path) -> str:
+    """FLEET_BENCH_ADMIN_DSN (default: this machine's PostgreSQL) when it answers, else an
+    embedded one with its data under `work`."""
+    admin_dsn = os.environ.get(
+        "FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    if not await postgres_reachable(admin_dsn):
+        admin_dsn = start_embedded_postgres(work / "pgdata")
+    return admin_dsn
+
+
 def settings_env(s: Settings) -> dict[str, str]:
     """The same settings as FLEET_ environment variables, for a consumer subprocess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}

@@ -36,11 +36,10 @@ from aiokafka import AIOKafkaProducer
 from consumer.kafka import ensure_topics
 from devtools.processes import ConsumerProcess
 from devtools.stack import (
+    admin_database,
     configured_or_local_broker,
     free_port,
     fresh_database,
-    postgres_reachable,
-    start_embedded_postgres,
     wait_for_port,
 )
 
@@ -177,16 +176,6 @@ async def run_level(
     }
 
 
-async def admin_database() -> str:
-    """This machine's PostgreSQL (FLEET_BENCH_ADMIN_DSN), else an embedded one."""
-    admin_dsn = os.environ.get(
-        "FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-    if not await postgres_reachable(admin_dsn):
-        admin_dsn = start_embedded_postgres(WORK / "pgdata")
-    return admin_dsn
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,7 +187,7 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=8)
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
-    admin_dsn = await admin_database()
+    admin_dsn = await admin_database(WORK)
     results = []
     with configured_or_local_broker(WORK) as bootstrap:
         for rate in (int(r) for r in args.rates.split(",")):

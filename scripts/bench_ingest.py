@@ -37,11 +37,10 @@ from consumer.sessions import SessionWorker
 from consumer.settings import Settings
 from devtools.processes import ConsumerProcess
 from devtools.stack import (
+    admin_database,
+    configured_or_local_broker,
     free_port,
     fresh_database,
-    postgres_reachable,
-    start_broker,
-    start_embedded_postgres,
 )
 from producer_sim.__main__ import publish
 from producer_sim.fleet import Fleet
@@ -142,17 +141,8 @@ async def main() -> None:
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
 
-    broker = None
-    bootstrap = os.environ.get("FLEET_KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
-        broker = start_broker(WORK)
-        bootstrap = broker.bootstrap_servers
-    admin_dsn = os.environ.get(
-        "FLEET_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-    if not await postgres_reachable(admin_dsn):
-        admin_dsn = start_embedded_postgres(WORK / "pgdata")
-    try:
+    admin_dsn = await admin_database(WORK)
+    with configured_or_local_broker(WORK) as bootstrap:
         suffix = datetime.now(UTC).strftime("%H%M%S")
         topics = {
             "meter": f"bench-meter-{suffix}",
@@ -256,9 +246,6 @@ async def main() -> None:
                 }
             )
         )
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":

@@ -31,8 +31,14 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.kafka import ensure_topics
 from devtools.processes import ConsumerProcess
-from devtools.stack import configured_or_local_broker, free_port, fresh_database, wait_for_port
-from scripts.bench_freshness import WORK, admin_database, percentile
+from devtools.stack import (
+    admin_database,
+    configured_or_local_broker,
+    free_port,
+    fresh_database,
+    wait_for_port,
+)
+from scripts.bench_freshness import WORK, percentile
 
 GAP = timedelta(seconds=15)
 READINGS = 5  # per probe session, a second apart
@@ -155,7 +161,7 @@ async def main() -> None:
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
     with configured_or_local_broker(WORK) as bootstrap:
-        result = await run(bootstrap, await admin_database(), args.rate, args.probes)
+        result = await run(bootstrap, await admin_database(WORK), args.rate, args.probes)
     print(
         f"background {args.rate:,}/s (reached {result['background_reached_per_s'] or '?'}/s): "
         f"gap elapsed -> closed session visible through the API: p50 {result['p50_s']} s, "
