@@ -205,6 +205,9 @@ class Settings(BaseSettings):
     # most this many fleet-wide reports run at once per process (the next gets a fast 503).
     api_statement_timeout_ms: int = Field(default=10_000, ge=100)
     api_max_concurrent_reports: int = Field(default=4, ge=1, le=100)
+    # The fleet report keeps this many windows' rankings per process between pages (about
+    # 0.5 KB per vehicle each), until the data under them changes; 0 ranks every page anew.
+    api_report_cache_windows: int = Field(default=4, ge=0, le=100)
     # A read replica further behind than this is not ready (/readyz 503).
     api_max_replica_lag_seconds: float = Field(default=30.0, gt=0)
 

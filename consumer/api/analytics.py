@@ -167,17 +167,30 @@ async def fleet_efficiency(request: web.Request, query: FleetQuery) -> web.Respo
         _check_window(request, start, to, slack=2 * _HOUR)  # widened by up to an hour each side
     deps = _deps(request)
     pool = deps.require_pool()
-    async with deps.report_slot():
-        rows = await pool.fetch(
-            sql.FLEET_EFFICIENCY,
-            *_deps(request).settings.efficiency_thresholds,
-            start,
-            to,
-            None if query.status is None else str(query.status),
-            cursor.ratio if cursor else None,
-            cursor.vehicle_id if cursor else None,
-            limit + 1,  # one more than a page tells whether another page exists
-        )
+    status = None if query.status is None else str(query.status)
+
+    async def fleet(
+        status: str | None, after: Cursor | None, rows: int | None
+    ) -> list[asyncpg.Record]:
+        async with deps.report_slot():
+            ranked: list[asyncpg.Record] = await pool.fetch(
+                sql.FLEET_EFFICIENCY,
+                *deps.settings.efficiency_thresholds,
+                start,
+                to,
+                status,
+                after.ratio if after else None,
+                after.vehicle_id if after else None,
+                rows,
+            )
+            return ranked
+
+    ranking = await deps.fleet_rankings().get(pool, (start, to), lambda: fleet(None, None, None))
+    # One more than a page tells whether another page exists.
+    after = None if cursor is None else (cursor.ratio, cursor.vehicle_id)
+    rows = ranking.page(status, after, limit + 1)
+    if rows is None:  # the cursor's vehicle has moved since: continue after it as SQL compares
+        rows = await fleet(status, cursor, limit + 1)
     page = rows[:limit]
     next_cursor = None
     if len(rows) > limit:

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from consumer.api.errors import ApiError
+from consumer.api.fleet_rankings import FleetRankings
 from consumer.settings import Settings
 
 # For every connection of the API's pool. Its queries are short and index-driven: compiling
@@ -29,6 +30,7 @@ class ApiDeps:
     # (consumer.api.replica keeps it); None until first known.
     data_as_of: datetime | None = None
     _reports: asyncio.Semaphore | None = field(default=None, repr=False)
+    _rankings: FleetRankings | None = field(default=None, repr=False)
 
     def require_pool(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -39,6 +41,11 @@ class ApiDeps:
         if self.producer is None:
             raise ApiError(503, "broker_unavailable", "the broker is not connected yet")
         return self.producer
+
+    def fleet_rankings(self) -> FleetRankings:
+        if self._rankings is None:
+            self._rankings = FleetRankings(self.settings.api_report_cache_windows)
+        return self._rankings
 
     @contextlib.asynccontextmanager
     async def report_slot(self) -> AsyncIterator[None]:

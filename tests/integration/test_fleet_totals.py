@@ -3,7 +3,8 @@ answer exactly what history says.
 
 Readings go through the real consumer and the worker's cycles, late and re-sent ones
 included; meters change mid-hour. Every page of the report is compared with the same
-report computed from history alone.
+report computed from history alone, before and after the data changes under a ranking the
+API keeps between pages.
 """
 
 from __future__ import annotations
@@ -106,9 +107,11 @@ async def assign(db: asyncpg.Connection) -> None:
     )
 
 
-async def report_pages(client: TestClient[Any, Any], start: datetime, to: datetime) -> Any:
+async def report_pages(
+    client: TestClient[Any, Any], start: datetime, to: datetime, **filters: str
+) -> Any:
     """The whole report over [start, to), page by page (4 a page), and the window it covered."""
-    params = {"from": start.isoformat(), "to": to.isoformat(), "limit": "4"}
+    params = {"from": start.isoformat(), "to": to.isoformat(), "limit": "4", **filters}
     rows: list[dict[str, Any]] = []
     while True:
         resp = await client.get(FLEET, params=params)
@@ -117,7 +120,7 @@ async def report_pages(client: TestClient[Any, Any], start: datetime, to: dateti
         rows += body["vehicles"]
         if body["nextCursor"] is None:
             return rows, (body["from"], body["to"])
-        params = {"limit": "4", "cursor": body["nextCursor"]}
+        params = {"limit": "4", "cursor": body["nextCursor"], **filters}
 
 
 async def from_history(
@@ -151,6 +154,9 @@ async def test_the_fleet_report_from_hourly_totals_equals_the_report_from_histor
     await assign(db)
     await ingest(settings, fleet(range(60, 300, 7)))
     await sessionize(pool, settings)
+    everything = whole_hours(BASE_TIME - timedelta(hours=1), BASE_TIME + timedelta(hours=6))
+    rows, _ = await report_pages(client, *everything)  # ranked now, kept by the API
+    assert rows == await from_history(db, settings, *everything)
     late = fleet(range(0, 60, 7))  # the first hour arrives last
     resent = fleet(range(60, 130, 7))  # stored once: changes nothing
     await ingest(settings, late + resent)
@@ -172,3 +178,18 @@ async def test_the_fleet_report_from_hourly_totals_equals_the_report_from_histor
         reports.append(rows)
     meters = {r["vehicleId"]: r["meterIds"] for r in reports[0]}
     assert (meters["v-0"], meters["v-2"]) == (["m-0", "m-1"], ["m-2", "m-5"])
+
+    # A status filter cuts the same ranking.
+    for status in {r["status"] for r in reports[0]}:
+        rows, _ = await report_pages(client, *everything, status=status)
+        assert rows == [r for r in reports[0] if r["status"] == status]
+
+    # A meter assignment changes the kept ranking too.
+    moved = await client.put(
+        "/v1/vehicles/v-3/meter",
+        json={"meterId": "m-9", "from": (BASE_TIME + timedelta(minutes=200)).isoformat()},
+    )
+    assert moved.status == 201, await moved.text()
+    rows, _ = await report_pages(client, *everything)
+    assert rows == await from_history(db, settings, *everything)
+    assert {r["vehicleId"]: r["meterIds"] for r in rows}["v-3"] == ["m-3", "m-9"]
