@@ -133,3 +133,16 @@ ALERTS_PUBLISHED = Counter(
 ALERT_PUBLISH_ERRORS = Counter(
     "fleet_alert_publish_errors_total", "Failed attempts to publish alert transitions"
 )
+
+STREAM_SUBSCRIBERS = Gauge("fleet_stream_subscribers", "Open GET /v1/stream connections")
+STREAM_EVENTS = Counter(
+    "fleet_stream_events_total", "Events sent on GET /v1/stream, by event", ["event"]
+)
+STREAM_DROPPED = Counter(
+    "fleet_stream_dropped_total",
+    "Stream subscribers disconnected by the server, by reason (queue_full, send_timeout)",
+    ["reason"],
+)
+STREAM_POLL_ERRORS = Counter(
+    "fleet_stream_poll_errors_total", "Reads of the stream's change log that failed (retried)"
+)

@@ -32,6 +32,7 @@ from consumer.pipeline import Pipeline
 from consumer.sessions import SessionWorker
 from consumer.settings import Settings
 from consumer.store import Store
+from consumer.stream_pruning import prune_stream_forever
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -166,6 +167,8 @@ class Service:
         metrics.SINK_AVAILABLE.set(1)  # connected; the pipeline sets 0 while it waits for it
         maintenance = asyncio.create_task(HistoryMaintenance(self.store, s).supervise())
         stack.push_async_callback(_cancelled, maintenance)
+        pruning = asyncio.create_task(prune_stream_forever(self.store, s))
+        stack.push_async_callback(_cancelled, pruning)
 
         stopper = asyncio.create_task(self.stopping.wait())
         await asyncio.wait({producer, stopper}, return_when=asyncio.FIRST_COMPLETED)

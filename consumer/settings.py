@@ -208,6 +208,22 @@ class Settings(BaseSettings):
     # The fleet report keeps this many windows' rankings per process between pages (about
     # 0.5 KB per vehicle each), until the data under them changes; 0 ranks every page anew.
     api_report_cache_windows: int = Field(default=4, ge=0, le=100)
+    # --- the live stream (GET /v1/stream) ---
+    # A client that reconnects with Last-Event-ID gets what it missed within this long (the
+    # change log keeps it; the ingest role prunes it every tenth of it), else a `reset` event.
+    stream_replay_seconds: int = Field(default=300, ge=10, le=86_400)
+    # How often each API process reads the change log; the floor of the stream's latency.
+    stream_poll_interval_ms: int = Field(default=100, ge=10, le=10_000)
+    # Each subscriber's backlog, in polls with events for it: a client further behind is
+    # disconnected (reason queue_full) rather than slowing the others; one whose socket
+    # takes longer than the send timeout to take an event likewise (send_timeout).
+    stream_queue_polls: int = Field(default=100, ge=1, le=10_000)
+    stream_send_timeout_seconds: float = Field(default=10.0, gt=0)
+    stream_keepalive_seconds: float = Field(default=15.0, gt=0)
+    # Open streams per client (bearer token, else address), and per process: 429/503 past them.
+    stream_max_per_client: int = Field(default=20, ge=1, le=100_000)
+    stream_max_subscribers: int = Field(default=2000, ge=1, le=1_000_000)
+
     # A read replica further behind than this is not ready (/readyz 503).
     api_max_replica_lag_seconds: float = Field(default=30.0, gt=0)
 

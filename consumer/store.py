@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -194,6 +194,12 @@ class Store:
                 "SELECT fleet_prepare_history_partitions($1, $2)", months_back, months_ahead
             )
             return created
+
+    async def prune_stream(self, keep: timedelta) -> int:
+        """Drop the live stream's change-log rows older than `keep` (sql/016); how many."""
+        async with self._connection() as conn:
+            pruned: int = await conn.fetchval("SELECT fleet_prune_stream($1)", keep)
+            return pruned
 
     async def drop_history_before(self, cutoff: datetime) -> list[str]:
         """Drop the monthly history partitions entirely older than cutoff; their names."""

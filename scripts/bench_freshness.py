@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,25 @@ async def probe(bootstrap: str, topic: str, dsn: str, seconds: float) -> list[fl
     return latencies
 
 
+# What a benchmark measures once the consumer and the background load run:
+# (bootstrap, vehicle topic, dsn, consumer environment, seconds) -> latencies in seconds.
+Measure = Callable[[str, str, str, dict[str, str], float], Awaitable[list[float]]]
+
+
+async def _visible_in_live(
+    bootstrap: str, topic: str, dsn: str, env: dict[str, str], seconds: float
+) -> list[float]:
+    return await probe(bootstrap, topic, dsn, seconds)
+
+
 async def run_level(
-    bootstrap: str, admin_dsn: str, rate: int, seconds: float, partitions: int
+    bootstrap: str,
+    admin_dsn: str,
+    rate: int,
+    seconds: float,
+    partitions: int,
+    *,
+    measure: Measure = _visible_in_live,
 ) -> dict[str, Any]:
     suffix = f"{rate}-{datetime.now(UTC):%H%M%S}"
     topics = {k: f"fresh-{k}-{suffix}" for k in ("meter", "vehicle", "mixed")}
@@ -158,7 +176,7 @@ async def run_level(
     try:
         wait_for_port(port, timeout=30)
         await asyncio.sleep(10)  # group join, then a steady state
-        latencies = await probe(bootstrap, topics["vehicle"], dsn, seconds)
+        latencies = await measure(bootstrap, topics["vehicle"], dsn, env, seconds)
     finally:
         simulator.send_signal(signal.SIGINT)  # stops cleanly and prints its summary
         sim_out, _ = simulator.communicate(timeout=30)

@@ -3,6 +3,8 @@
 # fresh clone on a fresh machine needs nothing but `make test`:
 #   prometheus      a real Prometheus server and promtool, for the scrape and dashboard tests
 #   docker-compose  Compose's own loader (v1; no engine needed) to validate docker-compose.yml
+#   chromium        the browser the console tests drive through Playwright (its own browser
+#                   downloads are not used: Debian's build is the one the tests launch)
 # PostgreSQL and the Kafka-protocol broker are the fixtures' business: they use the server
 # on 127.0.0.1:5432 or start an embedded one, and start their own broker.
 set -euo pipefail
@@ -10,6 +12,7 @@ set -euo pipefail
 missing=()
 command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
 ((${#missing[@]})) || exit 0
 
 echo "make test: installing the Debian packages the tests use: ${missing[*]}"

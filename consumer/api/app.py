@@ -110,6 +110,13 @@ def make_app(
     app.on_response_prepare.append(no_server_version)
     if deps is not None:
         app[DEPS] = deps
+
+        async def close_deps(_: web.Application) -> None:
+            await deps.close()
+
+        # on_shutdown: before aiohttp waits for open requests, so streams end rather than
+        # outlive the database pool.
+        app.on_shutdown.append(close_deps)
     app.router.add_routes(routes)
 
     async def healthz(_: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 from aiohttp import web
@@ -15,6 +16,9 @@ from aiokafka import AIOKafkaProducer
 from consumer.api.errors import ApiError
 from consumer.api.fleet_rankings import FleetRankings
 from consumer.settings import Settings
+
+if TYPE_CHECKING:
+    from consumer.api.stream import ChangeFeed
 
 # For every connection of the API's pool. Its queries are short and index-driven: compiling
 # one with JIT (which the fleet report's cost estimate triggers) takes longer than running it.
@@ -31,6 +35,8 @@ class ApiDeps:
     data_as_of: datetime | None = None
     _reports: asyncio.Semaphore | None = field(default=None, repr=False)
     _rankings: FleetRankings | None = field(default=None, repr=False)
+    # The live stream's feed (consumer.api.stream), from its first subscriber on.
+    change_feed: ChangeFeed | None = field(default=None, repr=False)
 
     def require_pool(self) -> asyncpg.Pool:
         if self.pool is None:
@@ -41,6 +47,11 @@ class ApiDeps:
         if self.producer is None:
             raise ApiError(503, "broker_unavailable", "the broker is not connected yet")
         return self.producer
+
+    async def close(self) -> None:
+        """Stop what the handlers started (the stream's feed); the pool is its owner's."""
+        if self.change_feed is not None:
+            await self.change_feed.close()
 
     def fleet_rankings(self) -> FleetRankings:
         if self._rankings is None:

@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, models_json_schema
 
-from consumer.api import analytics, ingestion, sessions
+from consumer.api import analytics, ingestion, sessions, stream
 from consumer.api.contract import (
     INVALID_BODY,
     EfficiencyStatus,
@@ -40,7 +40,12 @@ from consumer.settings import Settings
 
 Schema = dict[str, Any]
 REF = "#/components/schemas/{model}"
-OPERATIONS: list[Operation] = [*analytics.OPERATIONS, ingestion.OPERATION, *sessions.OPERATIONS]
+OPERATIONS: list[Operation] = [
+    *analytics.OPERATIONS,
+    ingestion.OPERATION,
+    *sessions.OPERATIONS,
+    stream.STREAM_OPERATION,
+]
 
 
 def openapi_routes() -> list[web.RouteDef]:
@@ -65,8 +70,8 @@ def _ref(model: type[BaseModel]) -> Schema:
     return {"$ref": REF.format(model=model.__name__)}
 
 
-def _json(model: type[BaseModel], description: str) -> Schema:
-    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+def _json(model: type[BaseModel], description: str, media_type: str = "application/json") -> Schema:
+    return {"description": description, "content": {media_type: {"schema": _ref(model)}}}
 
 
 def build_openapi(settings: Settings) -> Schema:
@@ -193,7 +198,7 @@ def _operation(op: Operation) -> Schema:
     if op.body is not None:
         _add(answers, 408, "body_timeout: the body did not arrive in time.")
     responses: Schema = {
-        str(status): _json(answer.model, answer.description)
+        str(status): _json(answer.model, answer.description, answer.media_type)
         for status, answer in sorted(answers.items())
     }
     responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
@@ -275,6 +280,47 @@ _OPERATIONS_ENDPOINTS: dict[str, Schema] = {
             }
         },
     ),
+    # The operator console (consumer.api.console): static files; its data comes from /v1.
+    "/": _open("root", "Redirects to the console", {"302": {"description": "To /console/."}}),
+    "/console": _open(
+        "console", "Redirects to /console/", {"302": {"description": "To /console/."}}
+    ),
+    "/console/": _open(
+        "consoleIndex",
+        "The operator console",
+        {
+            "200": {
+                "description": "Its page.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            }
+        },
+    ),
+    "/console/{asset}": _open(
+        "consoleAsset",
+        "One of the console's files (JavaScript modules, CSS)",
+        {
+            "200": {
+                "description": "The file.",
+                "content": {
+                    "text/javascript": {"schema": {"type": "string"}},
+                    "text/css": {"schema": {"type": "string"}},
+                    "text/html": {"schema": {"type": "string"}},
+                },
+            },
+            "404": _json(Error, "not_found: the console has no such file."),
+        },
+    )
+    | {
+        "parameters": [
+            {
+                "name": "asset",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "example": "console.js",
+            }
+        ]
+    },
     "/openapi.json": _open(
         "openapi",
         "This document",

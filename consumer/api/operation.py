@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from consumer.api.body import read_json
 from consumer.api.contract import ApiModel, Error, parse
 from consumer.api.deps import DEPS
-from consumer.api.security import Scope, scope_of
+from consumer.api.security import REPEATABLE, Scope, scope_of
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Answer:
 
     description: str
     model: type[BaseModel] = Error
+    media_type: str = "application/json"
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,12 @@ class Operation:
             if self.path_params is not None:
                 given["path"] = parse(self.path_params, dict(request.match_info))
             if self.query is not None:
-                given["query"] = parse(self.query, dict(request.query))
+                repeatable = REPEATABLE.get(self.path, frozenset())
+                query = {
+                    k: request.query.getall(k) if k in repeatable else v
+                    for k, v in request.query.items()
+                }
+                given["query"] = parse(self.query, query)
             if self.body is not None and self.validate_body:
                 limit = request.app[DEPS].settings.api_max_body_bytes
                 given["body"] = parse(self.body, await read_json(request, limit))

@@ -43,9 +43,20 @@ from consumer.settings import Settings
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+# The console's static files hold no data (it asks /v1 with the operator's token).
+CONSOLE_PATHS = ("/", "/console")
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path in CONSOLE_PATHS or path.startswith("/console/")
+
+
 MAX_CLIENTS = 10_000
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CHARGE = web.RequestKey[Callable[[float], None]]("charge")
+_CLIENT = web.RequestKey[str]("client")
+# Query parameters a route takes more than once (filters); every other one appears once.
+REPEATABLE: dict[str, frozenset[str]] = {"/v1/stream": frozenset({"vehicleId", "meterId"})}
 
 
 class Scope(enum.StrEnum):
@@ -101,7 +112,10 @@ async def hygiene(request: web.Request, handler: Handler) -> web.StreamResponse:
     if len(request.headers.getall(hdrs.AUTHORIZATION, [])) > 1:
         raise ApiError(400, "duplicate_header", "send one Authorization header")
     if request.path.startswith("/v1/"):
-        repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
+        repeatable = REPEATABLE.get(request.path, ())
+        repeated = sorted(
+            {k for k in request.query if len(request.query.getall(k)) > 1 and k not in repeatable}
+        )
         if repeated:
             raise ApiError(
                 400,
@@ -109,6 +123,12 @@ async def hygiene(request: web.Request, handler: Handler) -> web.StreamResponse:
                 f"query parameters may appear once: {', '.join(repeated)}",
             )
     return await handler(request)
+
+
+def client_of(request: web.Request) -> str:
+    """Who is asking, as the rate limiter counts clients: a token's position, else the address."""
+    client: str = request.get(_CLIENT, f"peer:{request.remote}")
+    return client
 
 
 def charge(request: web.Request, units: float) -> None:
@@ -130,7 +150,7 @@ def rate_limit(settings: Settings) -> Middleware:
 
     @web.middleware
     async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        if is_open(request.path):
             return await handler(request)
         index = _token_index(request, tokens)
         client = f"token:{index}" if index is not None else f"peer:{request.remote}"
@@ -148,6 +168,7 @@ def rate_limit(settings: Settings) -> Middleware:
 
         pay(1.0)
         request[_CHARGE] = pay
+        request[_CLIENT] = client
         return await handler(request)
 
     return limit
@@ -160,7 +181,7 @@ def bearer_auth(settings: Settings) -> Middleware:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        if is_open(request.path):
             return await handler(request)
         if refuse_all:
             raise ApiError(

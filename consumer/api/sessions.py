@@ -48,7 +48,7 @@ _WORST_FIRST: TypeAdapter[tuple[Decimal | None, str]] = TypeAdapter(
     tuple[CursorRatio | None, DeviceId]
 )
 
-_SESSION_COLUMNS = """
+SESSION_COLUMNS = """
 session_id::text, vehicle_id, meter_id, started_at, ended_at, state, kwh_delivered_dc,
 kwh_consumed_ac, efficiency_ratio, status, soc_start, soc_end, max_battery_temp, readings
 """
@@ -61,7 +61,7 @@ SELECT {columns} FROM charging_sessions
  ORDER BY started_at DESC, session_id DESC
  LIMIT $6
 """
-_SESSION = f"SELECT {_SESSION_COLUMNS} FROM charging_sessions WHERE session_id = $1"
+_SESSION = f"SELECT {SESSION_COLUMNS} FROM charging_sessions WHERE session_id = $1"
 # Worst first: the lowest average, chargers without one last, then by meter id.
 _CHARGERS = """
 SELECT h.meter_id, h.average AS average_efficiency, h.sessions, h.status, h.last_session_at,
@@ -77,11 +77,11 @@ SELECT h.meter_id, h.average AS average_efficiency, h.sessions, h.status, h.last
  ORDER BY h.average ASC NULLS LAST, h.meter_id
  LIMIT $4
 """
-_ALERT_COLUMNS = """
+ALERT_COLUMNS = """
 alert_id::text, kind, subject, state, opened_at, acknowledged_at, resolved_at, evidence
 """
 _ALERTS = f"""
-SELECT {_ALERT_COLUMNS} FROM alerts
+SELECT {ALERT_COLUMNS} FROM alerts
  WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR kind = $2)
    AND ($3::text IS NULL OR subject = $3)
    AND ($4::timestamptz IS NULL OR (opened_at, alert_id) < ($4, $5::uuid))
@@ -91,9 +91,9 @@ SELECT {_ALERT_COLUMNS} FROM alerts
 _ACKNOWLEDGE = f"""
 UPDATE alerts SET state = 'acknowledged', acknowledged_at = now(), updated_at = now()
  WHERE alert_id = $1 AND state = 'open'
-RETURNING {_ALERT_COLUMNS}
+RETURNING {ALERT_COLUMNS}
 """
-_ALERT = f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE alert_id = $1"
+_ALERT = f"SELECT {ALERT_COLUMNS} FROM alerts WHERE alert_id = $1"
 _ACK_TRANSITION = """
 INSERT INTO alert_transitions (alert_id, state, at, evidence)
 VALUES ($1::uuid, 'acknowledged', now(), '{"by": "api"}')
@@ -113,13 +113,13 @@ def _after(cursor: str | None) -> tuple[datetime | None, UUID | None]:
     return (None, None) if cursor is None else decode_cursor(cursor, _AT_AND_ID)
 
 
-def _session(row: asyncpg.Record) -> Session:
+def session_from(row: asyncpg.Record) -> Session:
     return Session.model_validate(dict(row))
 
 
 def sessions_of(device: str) -> Any:
     """The handler of GET /v1/{vehicles|meters}/{id}/sessions."""
-    statement = _SESSIONS_OF.format(columns=_SESSION_COLUMNS, device=f"{device}_id")
+    statement = _SESSIONS_OF.format(columns=SESSION_COLUMNS, device=f"{device}_id")
 
     async def handler(
         request: web.Request, path: VehiclePath | MeterPath, query: SessionsQuery
@@ -128,7 +128,7 @@ def sessions_of(device: str) -> Any:
         after = _after(query.cursor)
         pool = request.app[DEPS].require_pool()
         rows = await pool.fetch(statement, path.device_id, query.from_, query.to, *after, size + 1)
-        page = [_session(r) for r in rows[:size]]
+        page = [session_from(r) for r in rows[:size]]
         more = len(rows) > size
         cursor = encode_cursor(page[-1].body()["startedAt"], page[-1].session_id) if more else None
         return _ok(SessionPage(sessions=page, next_cursor=cursor))
@@ -140,7 +140,7 @@ async def session(request: web.Request, path: SessionPath) -> web.Response:
     row = await request.app[DEPS].require_pool().fetchrow(_SESSION, path.session_id)
     if row is None:
         raise ApiError(404, "session_not_found", "no session with this id")
-    return _ok(_session(row))
+    return _ok(session_from(row))
 
 
 async def chargers(request: web.Request, query: ChargersQuery) -> web.Response:
@@ -164,7 +164,7 @@ async def chargers(request: web.Request, query: ChargersQuery) -> web.Response:
     return _ok(ChargerPage(chargers=page, next_cursor=cursor))
 
 
-def _alert(row: asyncpg.Record) -> Alert:
+def alert_from(row: asyncpg.Record) -> Alert:
     return Alert.model_validate(dict(row) | {"evidence": json.loads(row["evidence"])})
 
 
@@ -183,7 +183,7 @@ async def alerts(request: web.Request, query: AlertsQuery) -> web.Response:
             size + 1,
         )
     )
-    page = [_alert(r) for r in rows[:size]]
+    page = [alert_from(r) for r in rows[:size]]
     cursor = (
         encode_cursor(page[-1].body()["openedAt"], page[-1].alert_id) if len(rows) > size else None
     )
@@ -197,13 +197,13 @@ async def acknowledge(request: web.Request, path: AlertPath) -> web.Response:
             row = await conn.fetchrow(_ACKNOWLEDGE, path.alert_id)
             if row is not None:
                 await conn.execute(_ACK_TRANSITION, path.alert_id)
-                return _ok(_alert(row))
+                return _ok(alert_from(row))
             row = await conn.fetchrow(_ALERT, path.alert_id)
     if row is None:
         raise ApiError(404, "alert_not_found", "no alert with this id")
     if row["state"] == "resolved":
         raise ApiError(409, "alert_resolved", "the alert is already resolved")
-    return _ok(_alert(row))  # already acknowledged
+    return _ok(alert_from(row))  # already acknowledged
 
 
 _DB = Answer(
