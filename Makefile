@@ -21,7 +21,7 @@ install: $(STAMP) ## create .venv and install the project with its dev tools
 demo: $(STAMP) ## run broker, database, consumer and a simulated fleet locally
 	$(BIN)/python -m scripts.demo
 
-test-deps: ## install the Debian packages the tests use (prometheus, docker-compose) if missing
+test-deps: ## install the Debian packages the tests use (prometheus, docker-compose, chromium) if missing
 	@scripts/test-deps.sh
 
 test: $(STAMP) test-deps lint ## lint, then every test (real PostgreSQL and a local broker)
