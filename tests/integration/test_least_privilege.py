@@ -75,6 +75,9 @@ GRANTS = {
             "alert_transitions",
             "vehicle_hourly",  # sql/014: the fleet report's totals
             "meter_hourly",
+            "fleet_report_version",  # sql/015: when a kept ranking is stale
+            "stream_changes",  # sql/016: the live stream's change log
+            "stream_horizon",
         )
     ),
 }
@@ -478,7 +481,10 @@ async def test_a_plain_login_that_owns_the_database_migrates_it_with_exact_grant
                 ("PUBLIC", "fleet_efficiency_status"),  # pure arithmetic (sql/011)
                 ("PUBLIC", "fleet_watermark"),  # reads as its caller (sql/011)
                 ("PUBLIC", "fleet_hour"),  # pure arithmetic (sql/014)
-                *(("fleet_writer", f) for f in (*MAINTENANCE, "fleet_write_batch")),
+                *(
+                    ("fleet_writer", f)
+                    for f in (*MAINTENANCE, "fleet_write_batch", "fleet_prune_stream")
+                ),
                 *(
                     ("fleet_sessions", f)
                     for f in ("fleet_sessionize", "fleet_recount_sessions", "fleet_refresh_hourly")
@@ -488,8 +494,16 @@ async def test_a_plain_login_that_owns_the_database_migrates_it_with_exact_grant
                 "SELECT proname, proconfig FROM pg_proc "
                 "WHERE pronamespace = 'public'::regnamespace AND prosecdef"
             )
+            # sql/015 and sql/016: triggers that record what changed, and the stream's pruning.
+            recorders = (
+                "fleet_report_changed",
+                "fleet_stream_batch",
+                "fleet_stream_alerts",
+                "fleet_stream_sessions",
+                "fleet_prune_stream",
+            )
             assert {(d[0], tuple(d[1])) for d in definers} == {
-                (f, ("search_path=public, pg_temp",)) for f in MAINTENANCE
+                (f, ("search_path=public, pg_temp",)) for f in (*MAINTENANCE, *recorders)
             }
             public_schema = await conn.fetchval(
                 "SELECT array_agg(a.privilege_type) FROM pg_namespace n "
