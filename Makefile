@@ -32,10 +32,11 @@ lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff format --check consumer producer_sim devtools tests scripts
 	$(BIN)/mypy
 
-bench: $(STAMP) ## ingest, freshness, session-close and API benchmarks (print numbers; see BENCHMARKS.md)
+bench: $(STAMP) ## ingest, freshness, session-close, stream and API benchmarks (print numbers; see BENCHMARKS.md)
 	$(BIN)/python -m scripts.bench_ingest
 	$(BIN)/python -m scripts.bench_freshness
 	$(BIN)/python -m scripts.bench_sessions
+	$(BIN)/python -m scripts.bench_stream
 	$(BIN)/python -m scripts.bench_api
 
 chaos: $(STAMP) ## soak with kill -9, PostgreSQL crashes and outages, broker restart (~8 min; RELIABILITY.md)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from devtools.stack import (
 from tests.conftest import ARTIFACTS, make_settings, wait_until
 from tests.integration.processes import consumer_process
 from tests.integration.test_analytics import T0, add_meter, add_vehicle, assign, window
+from tests.integration.test_stream import Stream
 
 PATHS = [
     "/v1/vehicles/v-1/live",
@@ -165,3 +167,55 @@ async def _lag_is_zero(base: str) -> bool:
 async def _lag_above(base: str, seconds: float) -> bool:
     lag = await metric(base, "fleet_api_replica_lag_seconds")
     return lag is not None and lag > seconds
+
+
+async def test_the_stream_on_a_standby_pushes_what_the_primary_commits_and_nothing_else(
+    broker: str, primary: LocalPostgres, standby: LocalPostgres
+) -> None:
+    """An API on the standby streams a change committed on the primary (it arrives by
+    replication like every table); a transaction that rolls back is never streamed."""
+    primary_dsn = with_database(primary.dsn, "fleet")
+    standby_dsn = with_database(standby.dsn, "fleet")
+    s = make_settings(broker, standby_dsn, api_database_url=SecretStr(standby_dsn))
+    api = consumer_process(s, "stream-on-standby", "--role", "api")
+    base = f"http://127.0.0.1:{api.http_port}"
+    writer = await asyncpg.connect(primary_dsn)
+    try:
+        await wait_until(lambda: _status(base, "/readyz", 200), timeout=30)
+        async with aiohttp.ClientSession() as http:
+            response = await http.get(base + "/v1/stream?vehicleId=v-1&kinds=live")
+            assert response.status == 200
+            stream = Stream(response)
+            for soc, commits in ((99, False), (70, True)):
+                with contextlib.suppress(Rollback):
+                    async with writer.transaction():
+                        await _write_batch(writer, soc)
+                        if not commits:
+                            raise Rollback
+            await wait_until(lambda: _arrived(stream), timeout=30)
+            assert [e["soc"] for e in stream.live("v-1")] == [70]
+            await stream.close()
+    finally:
+        await writer.close()
+        api.kill()
+
+
+class Rollback(Exception):
+    """Ends a transaction the way a failed batch does."""
+
+
+async def _write_batch(db: asyncpg.Connection, soc: int) -> None:
+    """What a batch does to v-1, as fleet_write_batch does it: its live row and its mark."""
+    await db.execute(
+        'UPDATE vehicle_live SET soc = $1, "timestamp" = now(), updated_at = now() '
+        "WHERE vehicle_id = 'v-1'",
+        soc,
+    )
+    await db.execute(
+        "INSERT INTO batch_marks (meter_ids, meter_ts, vehicle_ids, vehicle_ts, vehicle_temps) "
+        "VALUES ('{}', '{}', '{v-1}', ARRAY[now()], '{25}')"
+    )
+
+
+async def _arrived(stream: Stream) -> bool:
+    return bool(stream.live("v-1"))
