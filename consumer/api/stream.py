@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +70,7 @@ _LIVE = """
 SELECT DISTINCT ON (d.{key}) d.*
   FROM stream_changes s
   JOIN {table} d ON d.{key} = ANY(s.ids) AND d.updated_at = s.at
- WHERE {between}
+ WHERE {between} AND ($3::text[] IS NULL OR d.{key} = ANY($3::text[]))
 """
 _VEHICLES = _LIVE.format(
     table="vehicle_live", key="vehicle_id", between=_BETWEEN.format(kind="vehicle")
@@ -150,7 +152,7 @@ class Subscriber:
 
     def offer(self, position: str, events: list[Event]) -> None:
         wanted = [e for e in events if self.interest.wants(e)]
-        if not wanted or self.dropped:
+        if not wanted or self.dropped is not None:
             return
         try:
             self.queue.put_nowait((position, wanted))
@@ -171,13 +173,78 @@ class Subscriber:
 
 
 @dataclass(eq=False)
+class Audience:
+    """The feed's subscribers, indexed by the devices they asked for: an event is matched
+    against those who may want it, not against every subscriber."""
+
+    everyone: set[Subscriber] = field(default_factory=set)  # no device filter
+    by_vehicle: dict[str, set[Subscriber]] = field(default_factory=dict)
+    by_meter: dict[str, set[Subscriber]] = field(default_factory=dict)
+    per_client: Counter[str] = field(default_factory=Counter)
+    size: int = 0
+    joined: int = 0  # subscribers added so far: a read restricted to `devices()` before a
+    # subscriber joined may have left out its devices
+
+    def add(self, subscriber: Subscriber) -> None:
+        interest = subscriber.interest
+        if not interest.vehicles and not interest.meters:
+            self.everyone.add(subscriber)
+        for vehicle in interest.vehicles:
+            self.by_vehicle.setdefault(vehicle, set()).add(subscriber)
+        for meter in interest.meters:
+            self.by_meter.setdefault(meter, set()).add(subscriber)
+        self.per_client[subscriber.client] += 1
+        self.size += 1
+        self.joined += 1
+
+    def remove(self, subscriber: Subscriber) -> None:
+        self.everyone.discard(subscriber)
+        for index, ids in (
+            (self.by_vehicle, subscriber.interest.vehicles),
+            (self.by_meter, subscriber.interest.meters),
+        ):
+            for device in ids:
+                index[device].discard(subscriber)
+                if not index[device]:
+                    del index[device]
+        self.per_client[subscriber.client] -= 1
+        if not self.per_client[subscriber.client]:
+            del self.per_client[subscriber.client]
+        self.size -= 1
+
+    def __iter__(self) -> Iterator[Subscriber]:
+        seen = set(self.everyone)
+        seen.update(*self.by_vehicle.values(), *self.by_meter.values())
+        return iter(seen)
+
+    def devices(self) -> tuple[list[str] | None, list[str] | None]:
+        """The vehicles and meters anyone asked for; None when someone asked for all."""
+        if self.everyone:
+            return None, None
+        return list(self.by_vehicle), list(self.by_meter)
+
+    def deliver(self, position: str, events: list[Event]) -> None:
+        batches: dict[Subscriber, list[Event]] = {}
+        for event in events:
+            audience = set(self.everyone)
+            for vehicle in event.vehicles:
+                audience.update(self.by_vehicle.get(vehicle, ()))
+            for meter in event.meters:
+                audience.update(self.by_meter.get(meter, ()))
+            for subscriber in audience:
+                batches.setdefault(subscriber, []).append(event)
+        for subscriber, matched in batches.items():
+            subscriber.offer(position, matched)
+
+
+@dataclass(eq=False)
 class ChangeFeed:
     """Follows the change log for one API process, from the first subscriber on."""
 
     pool: asyncpg.Pool
     settings: Settings
     position: str | None = None
-    subscribers: set[Subscriber] = field(default_factory=set)
+    subscribers: Audience = field(default_factory=Audience)
     _task: asyncio.Task[None] | None = None
 
     async def attach(self, subscriber: Subscriber) -> str:
@@ -187,12 +254,12 @@ class ChangeFeed:
         if self._task is None:
             self._task = asyncio.create_task(self._follow())
         self.subscribers.add(subscriber)
-        metrics.STREAM_SUBSCRIBERS.set(len(self.subscribers))
+        metrics.STREAM_SUBSCRIBERS.set(self.subscribers.size)
         return self.position
 
     def detach(self, subscriber: Subscriber) -> None:
-        self.subscribers.discard(subscriber)
-        metrics.STREAM_SUBSCRIBERS.set(len(self.subscribers))
+        self.subscribers.remove(subscriber)
+        metrics.STREAM_SUBSCRIBERS.set(self.subscribers.size)
 
     async def close(self) -> None:
         """Stop following and end every stream (the server is shutting down)."""
@@ -202,9 +269,15 @@ class ChangeFeed:
         for subscriber in self.subscribers:
             subscriber.end()
 
-    async def read(self, since: str, until: str | None = None) -> tuple[str, list[Event]]:
+    async def read(
+        self,
+        since: str,
+        until: str | None = None,
+        devices: tuple[list[str] | None, list[str] | None] = (None, None),
+    ) -> tuple[str, list[Event]]:
         """The events committed after snapshot `since` up to `until` (default: now), and
-        that snapshot."""
+        that snapshot; live rows only of `devices` (vehicles, meters; None: all)."""
+        vehicles, meters = devices
         async with (
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
@@ -213,11 +286,23 @@ class ChangeFeed:
             if bound == since:
                 return bound, []
             return bound, [
-                *map(_vehicle_event, await conn.fetch(_VEHICLES, since, bound)),
-                *map(_meter_event, await conn.fetch(_METERS, since, bound)),
+                *map(_vehicle_event, await conn.fetch(_VEHICLES, since, bound, vehicles)),
+                *map(_meter_event, await conn.fetch(_METERS, since, bound, meters)),
                 *map(_alert_event, await conn.fetch(_ALERTS, since, bound)),
                 *map(_session_event, await conn.fetch(_SESSIONS, since, bound)),
             ]
+
+    async def _read_for_subscribers(self) -> tuple[str, list[Event]]:
+        """What is new, with live rows only of the devices someone follows (the bulk of the
+        log). A subscriber that joins during a read may follow devices it left out: then
+        the same range is read again, and after a few tries for every device."""
+        assert self.position is not None  # noqa: S101 -- set before the task starts
+        for _ in range(3):
+            joined = self.subscribers.joined
+            read = await self.read(self.position, devices=self.subscribers.devices())
+            if self.subscribers.joined == joined:
+                return read
+        return await self.read(self.position)
 
     async def knows(self, position: str) -> bool:
         """Whether the log still holds every change after `position`."""
@@ -228,9 +313,8 @@ class ChangeFeed:
         interval = self.settings.stream_poll_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            assert self.position is not None  # noqa: S101 -- set before the task starts
             try:
-                position, events = await self.read(self.position)
+                position, events = await self._read_for_subscribers()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -239,8 +323,7 @@ class ChangeFeed:
                 await asyncio.sleep(1)
                 continue
             self.position = position
-            for subscriber in list(self.subscribers):
-                subscriber.offer(position, events)
+            self.subscribers.deliver(position, events)
 
 
 def _vehicle_event(row: asyncpg.Record) -> Event:
@@ -276,15 +359,14 @@ def _interest(query: StreamQuery) -> Interest:
 
 def _admit(deps: ApiDeps, feed: ChangeFeed, client: str) -> None:
     settings = deps.settings
-    if len(feed.subscribers) >= settings.stream_max_subscribers:
+    if feed.subscribers.size >= settings.stream_max_subscribers:
         raise ApiError(
             503,
             "too_many_streams",
             "this process serves as many streams as it may; retry shortly",
             {"Retry-After": "5"},
         )
-    open_streams = sum(1 for s in feed.subscribers if s.client == client)
-    if open_streams >= settings.stream_max_per_client:
+    if feed.subscribers.per_client[client] >= settings.stream_max_per_client:
         raise ApiError(
             429,
             "too_many_streams",
