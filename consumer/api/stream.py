@@ -163,6 +163,7 @@ class Subscriber:
         """Disconnect, counted: the client fell behind."""
         self.dropped = reason
         metrics.STREAM_DROPPED.labels(reason).inc()
+        log.info("stream_subscriber_dropped", reason=reason, client=self.client)
         self.end()
 
     def end(self) -> None:
