@@ -41,29 +41,27 @@ END $$;
 CREATE TRIGGER batch_marks_streamed AFTER INSERT ON batch_marks
     FOR EACH ROW EXECUTE FUNCTION fleet_stream_batch();
 
--- Alerts (every transition, acknowledgements included) and sessions, once per statement.
-CREATE FUNCTION fleet_stream_alerts() RETURNS trigger
+-- Alerts (every transition, acknowledgements included) and sessions, once per statement:
+-- TG_ARGV names the kind and the changed rows' id column.
+CREATE FUNCTION fleet_stream_statement() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
 BEGIN
-    INSERT INTO stream_changes (kind, ids)
-    SELECT 'alert', array_agg(DISTINCT alert_id::text) FROM changed HAVING count(*) > 0;
+    EXECUTE format('INSERT INTO stream_changes (kind, ids) '
+                   'SELECT $1, array_agg(DISTINCT %I::text) FROM changed HAVING count(*) > 0',
+                   TG_ARGV[1])
+      USING TG_ARGV[0];
     RETURN NULL;
 END $$;
 CREATE TRIGGER alert_transitions_streamed AFTER INSERT ON alert_transitions
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION fleet_stream_alerts();
-
-CREATE FUNCTION fleet_stream_sessions() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
-BEGIN
-    INSERT INTO stream_changes (kind, ids)
-    SELECT 'session', array_agg(DISTINCT session_id::text) FROM changed HAVING count(*) > 0;
-    RETURN NULL;
-END $$;
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT
+    EXECUTE FUNCTION fleet_stream_statement('alert', 'alert_id');
 -- A transition table names one event per trigger.
 CREATE TRIGGER charging_sessions_inserted_streamed AFTER INSERT ON charging_sessions
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION fleet_stream_sessions();
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT
+    EXECUTE FUNCTION fleet_stream_statement('session', 'session_id');
 CREATE TRIGGER charging_sessions_updated_streamed AFTER UPDATE ON charging_sessions
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION fleet_stream_sessions();
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT
+    EXECUTE FUNCTION fleet_stream_statement('session', 'session_id');
 
 -- Pruning past the replay window: by the ingest role, as the owner.
 CREATE FUNCTION fleet_prune_stream(p_keep interval) RETURNS bigint
@@ -76,8 +74,8 @@ LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS $$
     SELECT count(*) FROM gone
 $$;
 
-REVOKE EXECUTE ON FUNCTION fleet_stream_batch, fleet_stream_alerts, fleet_stream_sessions,
-    fleet_prune_stream FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION fleet_stream_batch, fleet_stream_statement, fleet_prune_stream
+    FROM PUBLIC;
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fleet_writer') THEN

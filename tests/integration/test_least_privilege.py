@@ -498,8 +498,7 @@ async def test_a_plain_login_that_owns_the_database_migrates_it_with_exact_grant
             recorders = (
                 "fleet_report_changed",
                 "fleet_stream_batch",
-                "fleet_stream_alerts",
-                "fleet_stream_sessions",
+                "fleet_stream_statement",
                 "fleet_prune_stream",
             )
             assert {(d[0], tuple(d[1])) for d in definers} == {

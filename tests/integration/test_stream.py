@@ -181,3 +181,32 @@ async def eventually(check: Callable[[], bool], timeout: float) -> None:
 
 def _has(stream: Stream, device: str) -> bool:
     return bool(stream.live(device))
+
+
+async def test_alert_transitions_and_sessions_are_streamed_as_the_api_shows_them(
+    client: TestClient[Any, Any], db: asyncpg.Connection
+) -> None:
+    stream = await subscribe(client, "vehicleId=v-7&kinds=alert,session")
+    async with db.transaction():  # as the sessions worker writes them
+        alert_id = await db.fetchval(
+            "INSERT INTO alerts (kind, subject, state, opened_at, evidence) "
+            "VALUES ('battery_overheat', 'v-7', 'open', now(), '{}') RETURNING alert_id"
+        )
+        await db.execute(
+            "INSERT INTO alert_transitions (alert_id, state, at, evidence) "
+            "VALUES ($1, 'open', now(), '{}')",
+            alert_id,
+        )
+        await db.execute(
+            "INSERT INTO charging_sessions (session_id, vehicle_id, meter_id, started_at, "
+            "ended_at, state, kwh_delivered_dc, kwh_consumed_ac, efficiency_ratio, status, "
+            "soc_start, soc_end, max_battery_temp, readings) VALUES (gen_random_uuid(), 'v-7', "
+            "'m-7', now(), now(), 'open', 1.2, 1.3, 0.9231, 'normal', 50, 51, 30, 2)"
+        )
+    await eventually(lambda: {m.event for m in stream.events} == {"alert", "session"}, 10)
+    alert = next(m.data for m in stream.events if m.event == "alert")
+    assert alert == (await (await client.get("/v1/alerts?subject=v-7")).json())["alerts"][0]
+    session = next(m.data for m in stream.events if m.event == "session")
+    shown = await client.get(f"/v1/sessions/{session['sessionId']}")
+    assert session == await shown.json()
+    await stream.close()

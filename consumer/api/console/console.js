@@ -192,6 +192,19 @@ function pageFailed(title, err) {
   show(title, failure(err, route));
 }
 
+// Load a pager's first page; false when it failed (the failure is shown) or the operator
+// has gone to another page meanwhile (nothing is shown).
+async function firstPage(rows, title) {
+  const mine = visit;
+  try {
+    await rows.first();
+  } catch (err) {
+    if (mine === visit) pageFailed(title, err);
+    return false;
+  }
+  return mine === visit;
+}
+
 // A table fed a page at a time: the first page at once, then "Load more" with nextCursor.
 function pager({ load, row, empty, notice }) {
   const body = h("tbody");
@@ -322,14 +335,7 @@ async function fleetPage(params) {
       window.location.hash = fleetHash(status, e.target.value);
     }),
   );
-  const mine = visit;
-  try {
-    await rows.first();
-  } catch (err) {
-    if (mine === visit) pageFailed(title, err);
-    return;
-  }
-  if (mine !== visit) return;
+  if (!(await firstPage(rows, title))) return;
   show(
     title,
     filters,
@@ -685,14 +691,7 @@ async function alertsPage() {
       return { items: page.alerts, nextCursor: page.nextCursor };
     },
   });
-  const mine = visit;
-  try {
-    await rows.first();
-  } catch (err) {
-    if (mine === visit) pageFailed(title, err);
-    return;
-  }
-  if (mine !== visit) return;
+  if (!(await firstPage(rows, title))) return;
   show(
     title,
     said,
