@@ -4,7 +4,8 @@ make_app puts json_errors outermost; these go inside it, in this order:
 
     request_metrics        every request's duration by route template, method and status
     hygiene                one reading of a request: no Content-Encoding (415), one
-                           Authorization header, each /v1 query parameter once (400)
+                           Authorization header, each /v1 query parameter once (400;
+                           REPEATABLE names the filters a route takes several times)
     rate_limit(settings)   a token bucket per client, charged by cost; 429 with Retry-After
     bearer_auth(settings)  a configured token with the route's scope, compared in constant
                            time (401, 403); without tokens /v1 is refused unless
@@ -13,7 +14,8 @@ make_app puts json_errors outermost; these go inside it, in this order:
 Metrics see every outcome, 401 and 429 included, and a client that went away as 499.
 Rate limiting runs before authentication, so a client guessing tokens is throttled by
 its address. Health, readiness, metrics and the OpenAPI document are open and never
-throttled: probes and scrapes must not depend on credentials or load.
+throttled: probes and scrapes must not depend on credentials or load. The console's
+static files are open too (they hold no data; the page asks /v1 with the operator's token).
 
 Cost: a request costs 1 unit when it arrives; a handler that learns what it will cost
 charges the rest with charge(): an ingested reading costs 1/100, a report a unit per
