@@ -261,7 +261,16 @@ async def test_with_tokens_configured_the_console_asks_for_one_and_never_puts_it
         await tab.screenshot("token-prompt")
 
         await field.fill("not-the-token")
-        await page.keyboard.press("Enter")
+        # The message is on screen already: wait for the wrong token's answer itself, so the
+        # form it brings back is not replaced while the right token is being typed.
+        async with page.expect_response(
+            lambda r: (
+                "/v1/" in r.url and r.request.headers.get("authorization") == "Bearer not-the-token"
+            )
+        ) as refused:
+            await page.keyboard.press("Enter")
+        assert (await refused.value).status == 401
+        await expect(page.get_by_label("API token", exact=True)).to_be_focused()
         await expect(page.get_by_text("a valid bearer token is required")).to_be_visible()
         await page.get_by_label("API token", exact=True).fill(token)
         await page.get_by_role("button", name="Use this token").click()
