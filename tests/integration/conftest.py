@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -18,3 +19,11 @@ async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
     await started.start()
     yield started
     await started.stop()
+
+
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on the test's database, as the API and the sessions worker use one."""
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=4)
+    yield pool
+    await pool.close()

@@ -73,13 +73,6 @@ async def tab(browser: Browser) -> AsyncIterator[Tab]:
     assert opened.errors == []
 
 
-@pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
 @contextlib.asynccontextmanager
 async def sidecar(settings: Settings) -> AsyncIterator[str]:
     """The API role of the real service on its own port; yields the console's base URL."""

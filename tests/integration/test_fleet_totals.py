@@ -63,13 +63,6 @@ SELECT vehicle_id, ids, round(dc, 3) AS dc, round(ac, 3) AS ac, ratio,
 
 
 @pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
 async def client(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[TestClient[Any, Any]]:
     app = make_app({}, deps=ApiDeps(settings, pool=pool), routes=analytics_routes())
     async with TestClient(TestServer(app)) as test_client:

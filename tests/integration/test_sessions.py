@@ -35,13 +35,6 @@ SESSION_FIELDS = (
 )
 
 
-@pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
 async def ingest(
     settings: Settings, readings: list[dict[str, Any]], partition: int | None = None
 ) -> None:

@@ -82,13 +82,6 @@ class Stream:
         ]
 
 
-@pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
 def api(settings: Settings, pool: asyncpg.Pool, **overrides: Any) -> TestServer:
     configured = settings.model_copy(update={"stream_poll_interval_ms": 50, **overrides})
     return TestServer(make_app({}, deps=ApiDeps(configured, pool=pool), routes=api_routes()))
